@@ -1,0 +1,134 @@
+"""Generate the config reference table of README.md from the dataclasses in :mod:`icbs.config`.
+
+``python docs/config_reference.py`` prints the Markdown; ``python docs/config_reference.py --write`` replaces
+the block between the ``<!-- config-reference:start -->`` and ``<!-- config-reference:end -->`` markers
+in README.md. ``tests/icbs/test_examples.py`` checks that README.md is up to date and that every key
+has a description here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from icbs.config import IcbsConfig
+
+__all__ = ["DESCRIPTIONS", "render", "update_readme", "START", "END"]
+
+START = "<!-- config-reference:start -->"
+END = "<!-- config-reference:end -->"
+
+DESCRIPTIONS: dict[str, str] = {
+    "model.kind": "`classifier`, `causal_lm` or `image_classifier`",
+    "model.builtin": "a model icbs builds: `mnist_mlp`, `deit_tiny` (trained and cached on first use), `smollm2`, `tiny_llama`",
+    "model.path": "local folder/file or hub id (used when `builtin` is not set)",
+    "model.gguf_file": "GGUF file inside `path` (or an absolute path); de-quantised on load",
+    "model.dtype": "`float32`, `float16`, `bfloat16` or `float64`",
+    "model.device": "`auto`, `cpu`, `cuda`, `cuda:N` or `mps`",
+    "model.include": "regexes (`re.search`) over `nn.Linear` module names to prune; empty = all but the head",
+    "model.exclude": "regexes of layers to leave dense",
+    "model.cache_dir": "where built-in models are cached (default `~/.cache/icbs`)",
+    "calibration.source": "`pydoc`, `text`, `mnist`, `npz`, `hf_dataset` or `random_tokens`",
+    "calibration.path": "file for `text`/`npz` sources",
+    "calibration.hf_name": "dataset id for `hf_dataset`",
+    "calibration.hf_config": "dataset config name for `hf_dataset`",
+    "calibration.hf_split": "dataset split for `hf_dataset`",
+    "calibration.text_column": "text column for `hf_dataset`",
+    "calibration.n_samples": "calibration samples (token windows or images)",
+    "calibration.seq_len": "tokens per calibration window",
+    "calibration.batch_size": "samples per calibration batch",
+    "calibration.split": "fraction of the corpus used for calibration; evaluation uses the rest",
+    "calibration.seed": "seed of the sample draw",
+    "eval.n_samples": "held-out samples (text windows or images; 0 = all images)",
+    "eval.seq_len": "tokens per evaluation window",
+    "eval.batch_size": "samples per evaluation batch",
+    "eval.every_s": "seconds between evaluations during a run (`null` = only before/after)",
+    "eval.before": "evaluate the dense model first",
+    "eval.lm_eval_tasks": "lm-eval-harness tasks to run at the end (needs the `eval` extra)",
+    "pruning.density": "fraction of weights KEPT in every pruned layer, in (0, 1)",
+    "pruning.pattern": "`unstructured`, `per_output` or `N:M` (e.g. `2:4`; then density must be N/M)",
+    "scoring.init_method": "one-shot initial mask: `magnitude`, `wanda`, `gradient`, `random` or `sparsegpt`",
+    "scoring.init_scope": "where the initial mask is ranked: `per_layer`, `per_output` or `per_input`",
+    "scoring.selection_method": "score that picks each step's block candidates",
+    "scoring.selection_scope": "ranking scope of the selection score",
+    "scoring.fix_frac_prune": "lowest-scored fraction of the pruned set that stays pruned for good",
+    "scoring.fix_frac_keep": "highest-scored fraction of the kept set that stays kept for good",
+    "blocks.block_size": "weights per block problem (QUBO variables)",
+    "blocks.k": "currently-pruned weights in a block (the cardinality `Σx = k`); `k <= block_size`",
+    "blocks.tabu_frac": "FIFO tabu memory as a fraction of a layer's free weights",
+    "derivatives.estimator": "`fisher`, `exact`, `gradient_mean` or `layerwise` (DESIGN §4)",
+    "derivatives.n_samples": "calibration samples per gradient/Hessian estimate",
+    "derivatives.grad_multiplier": "α, the weight of the gradient term",
+    "derivatives.ridge": "λ, the ridge term `λ‖Δ‖²`",
+    "derivatives.damping_frac": "Hessian damping as a fraction of its mean diagonal",
+    "solver.name": "registered block solver (see the solver table)",
+    "solver.params": "the solver's settings; unknown names are an error",
+    "bcd.time_budget": "wall-clock budget: seconds or `90s`, `10m`, `2h`; `null` = none",
+    "bcd.max_steps": "stop after this many steps",
+    "bcd.max_epochs": "stop after this many passes over the layer schedule",
+    "bcd.min_steps_per_layer": "minimum steps per layer in a pass",
+    "bcd.blocks_per_round": "blocks (in different layers) solved from one derivative estimate",
+    "bcd.workers": "parallel block solves",
+    "bcd.reconstruct": "refit kept weights by damped least squares at the end",
+    "bcd.reconstruct_damping": "damping of that refit",
+    "bcd.seed": "seed of every random choice of the run",
+    "bcd.checkpoint_every_s": "seconds between checkpoints (`null` = none)",
+    "export.dir": "output folder (`--out` overrides)",
+    "export.overwrite": "replace the icbs outputs of an existing folder (`--overwrite`)",
+    "export.save_model": "write the pruned model",
+    "export.save_masks": "write `masks.safetensors`",
+    "export.plots": "write the PNG plots",
+}
+
+
+def _type_text(tp: typing.Any) -> str:
+    text = str(tp).replace("typing.", "").replace("collections.abc.", "")
+    text = {"<class 'str'>": "str", "<class 'int'>": "int", "<class 'float'>": "float",
+            "<class 'bool'>": "bool"}.get(text, text)
+    return text.replace("NoneType", "None").replace(" | ", " or ")
+
+
+def _default_text(value: typing.Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    return f"`{value}`"
+
+
+def render() -> str:
+    """The Markdown table: key, type, default, meaning (one row per config key)."""
+    defaults = IcbsConfig()
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for section in dataclasses.fields(IcbsConfig):
+        section_obj = getattr(defaults, section.name)
+        hints = typing.get_type_hints(type(section_obj))
+        for item in dataclasses.fields(section_obj):
+            key = f"{section.name}.{item.name}"
+            default = getattr(section_obj, item.name)
+            rows.append(f"| `{key}` | {_type_text(hints[item.name])} | {_default_text(default)} | "
+                        f"{DESCRIPTIONS.get(key, '')} |")
+    return "\n".join(rows)
+
+
+def update_readme(readme: Path) -> bool:
+    """Replace the marked block of ``readme`` with :func:`render`; return whether it changed."""
+    text = readme.read_text()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    new = f"{head}{START}\n{render()}\n{END}{tail}"
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    if "--write" in sys.argv:
+        changed = update_readme(Path(__file__).resolve().parents[1] / "README.md")
+        print("README.md updated" if changed else "README.md already up to date")
+    else:
+        print(render())
