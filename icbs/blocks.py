@@ -1,0 +1,146 @@
+"""Tabu-aware block selection (paper Fig. 2, step 3: "pick block").
+
+From a layer's free, non-tabu weights, :func:`select_block` takes the currently pruned weights with
+the highest selection scores (the likeliest mistakes) and the kept weights with the lowest. For the
+``unstructured`` pattern that is ``k`` pruned + ``block_size - k`` kept over the layer. For
+``per_output`` and ``N:M`` the block is made of groups (rows / M-groups) ranked by how likely they
+hold a mistake (best pruned score minus worst kept score): whole groups while they fit, and for
+rows longer than the space left, that row's best pruned and worst kept weights in the ratio
+``k : block_size - k``. The driver turns the block into per-group cardinality constraints
+(:meth:`icbs.state.PruningState.block_groups`), so every group keeps its count.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from icbs.state import PruningState
+
+__all__ = ["select_block", "check_block_size"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_block_size(block_size: int, k: int, free_counts: dict[str, int]) -> None:
+    """Validate ``blocks.block_size`` and ``blocks.k`` against every layer's free weights.
+
+    Raises:
+        ValueError: a setting is not a valid int, ``k > block_size``, or a layer has fewer free weights
+            than ``block_size``.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"'blocks.block_size' should be an int >= 2; got {block_size!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"'blocks.k' should be a non-negative int; got {k!r}")
+    if k > block_size:
+        raise ValueError(f"'blocks.k' should be <= blocks.block_size ({block_size}); got {k}")
+    for name, n_free in free_counts.items():
+        if block_size > n_free:
+            raise ValueError(
+                f"'blocks.block_size' ({block_size}) is larger than the {n_free} free weights of layer {name!r}; "
+                "lower blocks.block_size (or scoring.fix_frac_prune / fix_frac_keep)"
+            )
+
+
+def _ranked(candidates: Tensor, scores: Tensor, descending: bool, generator: torch.Generator | None) -> Tensor:
+    """Candidates sorted by score (ties broken by a random permutation from ``generator``)."""
+    if candidates.numel() == 0:
+        return candidates
+    if generator is not None:
+        perm = torch.randperm(candidates.numel(), generator=generator).to(candidates.device)
+        candidates = candidates[perm]
+    order = torch.sort(scores[candidates], descending=descending, stable=True).indices
+    return candidates[order]
+
+
+def _split(room: int, k: int, block_size: int, n_pruned: int, n_kept: int) -> tuple[int, int]:
+    """How many pruned and kept weights of one row fill ``room`` (>= 2): ratio ``k / block_size``, at least one of each."""
+    want_p = max(1, min(n_pruned, room - 1, round(room * k / block_size)))
+    want_k = min(n_kept, room - want_p)
+    want_p = min(n_pruned, room - want_k)
+    return want_p, want_k
+
+
+def select_block(
+    state: PruningState,
+    layer: str,
+    scores: Tensor,
+    block_size: int,
+    k: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick the next block of a layer.
+
+    Args:
+        state: the pruning state.
+        layer: layer name.
+        scores: ``(n_out, n_in)`` selection scores (higher = more important).
+        block_size: block size ``n`` (an upper bound when fewer candidates are free).
+        k: how many currently pruned weights the block holds (unstructured; a ratio otherwise).
+        generator: CPU torch generator used to break score ties at random.
+
+    Returns:
+        ``(n,)`` long tensor of distinct flat indices, sorted, on the CPU; never a fixed or tabu weight.
+    """
+    ls = state[layer]
+    device = ls.keep_mask.device
+    available = (ls.free_mask() & ~ls.tabu_mask()).reshape(-1)
+    keep = ls.keep_mask.reshape(-1)
+    flat_scores = scores.to(device).reshape(-1).float()
+    kind = state.pattern.kind
+    if kind == "unstructured":
+        pruned = torch.nonzero(available & ~keep).squeeze(1)
+        kept = torch.nonzero(available & keep).squeeze(1)
+        n_take = min(block_size, int(pruned.numel()) + int(kept.numel()))
+        n_p = min(k, int(pruned.numel()))
+        n_k = min(n_take - n_p, int(kept.numel()))
+        n_p = n_take - n_k
+        chosen = torch.cat(
+            [
+                _ranked(pruned, flat_scores, True, generator)[:n_p],
+                _ranked(kept, flat_scores, False, generator)[:n_k],
+            ]
+        )
+        return torch.sort(chosen).values.cpu()
+    length = state.pattern.group_length(ls.shape)
+    avail = available.view(-1, length)
+    keep_g = keep.view(-1, length)
+    s = flat_scores.view(-1, length)
+    best_pruned = torch.where(avail & ~keep_g, s, torch.full_like(s, -torch.inf)).amax(dim=1)
+    worst_kept = torch.where(avail & keep_g, s, torch.full_like(s, torch.inf)).amin(dim=1)
+    eligible = torch.isfinite(best_pruned) & torch.isfinite(worst_kept)
+    groups = torch.nonzero(eligible).squeeze(1)
+    groups = _ranked(groups, best_pruned - worst_kept, True, generator)
+    counts = avail.sum(dim=1)
+    if kind == "nm":
+        taken = groups[torch.cumsum(counts[groups], 0) <= block_size]
+        members = torch.nonzero(avail[taken]).cpu()
+        flat = taken.cpu()[members[:, 0]] * length + members[:, 1]
+        return torch.sort(flat).values
+    pieces: list[Tensor] = []
+    room = block_size
+    for group in groups.tolist():
+        if room < 2:
+            break
+        base = group * length
+        row_avail = avail[group]
+        if int(counts[group]) <= room:
+            picked = torch.nonzero(row_avail).squeeze(1)
+        else:
+            row_pruned = torch.nonzero(row_avail & ~keep_g[group]).squeeze(1)
+            row_kept = torch.nonzero(row_avail & keep_g[group]).squeeze(1)
+            n_p, n_k = _split(room, k, block_size, int(row_pruned.numel()), int(row_kept.numel()))
+            picked = torch.cat(
+                [
+                    _ranked(row_pruned, s[group], True, generator)[:n_p],
+                    _ranked(row_kept, s[group], False, generator)[:n_k],
+                ]
+            )
+        pieces.append(picked.cpu() + base)
+        room -= int(picked.numel())
+    if not pieces:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.sort(torch.cat(pieces)).values

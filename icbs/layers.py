@@ -1,0 +1,111 @@
+"""Which layers of a model are pruned.
+
+:func:`find_prunable` picks the ``nn.Linear`` modules of a model by name patterns (output heads left
+out unless named explicitly); :func:`check_layers` validates a user-given ``{name: module}`` mapping
+before any work starts. A layer's weight is viewed as ``(n_out, n_in)``; flat indices are row-major.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from torch import nn
+
+__all__ = ["HEAD_NAMES", "find_prunable", "check_layers"]
+
+HEAD_NAMES = ("lm_head", "classifier", "head", "score")
+
+
+def _compile(patterns: Sequence[str], key: str) -> list[re.Pattern[str]]:
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    compiled = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"'{key}' should hold regular-expression strings; got {pattern!r}")
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            raise ValueError(f"'{key}' pattern {pattern!r} is not a valid regular expression: {err}") from err
+    return compiled
+
+
+def find_prunable(
+    model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> dict[str, nn.Module]:
+    """Return the prunable ``nn.Linear`` layers of ``model``.
+
+    A layer is kept when its module name matches (``re.search``) one of ``include`` (empty = every
+    layer) and none of ``exclude``. Output heads (last name part in :data:`HEAD_NAMES`) are left out
+    unless an ``include`` pattern names them.
+
+    Args:
+        model: the model.
+        include: regular expressions; empty means all ``nn.Linear`` layers.
+        exclude: regular expressions of layers to leave dense.
+
+    Returns:
+        ``{module_name: module}`` in the model's module order.
+
+    Raises:
+        ValueError: a pattern is invalid or matches no ``nn.Linear`` layer, or nothing is left.
+    """
+    include_re = _compile(include, "model.include")
+    exclude_re = _compile(exclude, "model.exclude")
+    linear = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for key, patterns in (("model.include", include_re), ("model.exclude", exclude_re)):
+        for pattern in patterns:
+            if not any(pattern.search(name) for name, _ in linear):
+                raise ValueError(
+                    f"'{key}' pattern {pattern.pattern!r} matches no nn.Linear layer; "
+                    f"layers are: {', '.join(name for name, _ in linear[:20]) or '(none)'}"
+                )
+    chosen: dict[str, nn.Module] = {}
+    for name, module in linear:
+        explicitly = any(pattern.search(name) for pattern in include_re)
+        if include_re and not explicitly:
+            continue
+        if any(pattern.search(name) for pattern in exclude_re):
+            continue
+        if name.split(".")[-1] in HEAD_NAMES and not explicitly:
+            continue
+        chosen[name] = module
+    if not chosen:
+        raise ValueError("no prunable nn.Linear layer is left after 'model.include'/'model.exclude'")
+    return chosen
+
+
+def check_layers(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """Validate a ``{name: module}`` mapping of layers to prune.
+
+    Args:
+        model: the model the layers belong to.
+        layers: the layers; each must be an ``nn.Linear`` inside ``model`` with a floating weight.
+
+    Returns:
+        A plain dict copy of ``layers``.
+
+    Raises:
+        TypeError: ``layers`` is not a mapping, or a layer is not an ``nn.Linear``.
+        ValueError: the mapping is empty, a layer is not part of ``model`` or appears twice.
+    """
+    if not isinstance(layers, Mapping):
+        raise TypeError(f"'layers' should be a mapping of name -> nn.Linear; got {type(layers).__name__}")
+    if not layers:
+        raise ValueError("'layers' should name at least one layer; got an empty mapping")
+    own = {id(module) for module in model.modules()}
+    seen: set[int] = set()
+    for name, module in layers.items():
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"layer {name!r} is not prunable: 'layers' should hold nn.Linear modules; got {type(module).__name__}"
+            )
+        if id(module) not in own:
+            raise ValueError(f"layer {name!r} in 'layers' is not a submodule of the model")
+        if id(module) in seen:
+            raise ValueError(f"layer {name!r} in 'layers' appears twice under different names")
+        if not module.weight.is_floating_point():
+            raise TypeError(f"layer {name!r} has a non-floating weight ({module.weight.dtype}); it cannot be pruned")
+        seen.add(id(module))
+    return dict(layers)
