@@ -37,6 +37,7 @@ layer (``y += ...``) would also break the hook-based gradients, which no support
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -470,6 +471,42 @@ def _estimate_first_order(
 # ---------------------------------------------------------------------------------------- exact
 
 
+def _math_attention() -> contextlib.AbstractContextManager[None]:
+    """Force the math SDPA kernel: the fused CPU/GPU kernels have no forward-mode AD or double backward."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no backend selection, keep the default
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _gradient_and_hessian(objective: Callable[[Tensor], Tensor], v0: Tensor) -> tuple[Tensor, Tensor, Tensor, str]:
+    """Gradient (n,), Hessian (n, n), value and method of a scalar function at ``v0``.
+
+    Forward-over-reverse Hessian-vector products vmapped over the basis vectors; a double-backward
+    loop when torch.func cannot trace the function.
+    """
+    try:
+        g_full, loss_t = torch.func.grad_and_value(objective)(v0)
+        grad_fn = torch.func.grad(objective)
+
+        def hvp(direction: Tensor) -> Tensor:
+            return torch.func.jvp(grad_fn, (v0,), (direction,))[1]
+
+        basis = torch.eye(v0.numel(), dtype=v0.dtype, device=v0.device)
+        H_full = torch.func.vmap(hvp, chunk_size=_HVP_CHUNK)(basis)
+        return g_full.detach(), H_full.detach(), loss_t.detach(), "hvp"
+    except (RuntimeError, NotImplementedError) as err:
+        logger.warning("Hessian-vector products by torch.func failed (%s); using a double-backward loop", err)
+    v = v0.clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss_t = objective(v)
+        (g_full,) = torch.autograd.grad(loss_t, v, create_graph=True)
+        rows = [torch.autograd.grad(g_full[i], v, retain_graph=True)[0] for i in range(v.numel())]
+    H_full = torch.stack(rows) if rows else torch.zeros(0, 0, dtype=v0.dtype, device=v0.device)
+    return g_full.detach(), H_full.detach(), loss_t.detach(), "double_backward"
+
+
 def _estimate_exact(
     model: nn.Module, blocks: list[_Block], batch: dict[str, Tensor], loss_fn: LossFn, device: torch.device
 ) -> dict[str, BlockEstimate]:
@@ -494,26 +531,8 @@ def _estimate_exact(
 
     acc = torch.float64 if any(b.module.weight.dtype == torch.float64 for b in blocks) else torch.float32
     v0 = torch.zeros(n_total, dtype=acc, device=device)
-    method = "hvp"
-    try:
-        g_full, loss_t = torch.func.grad_and_value(objective)(v0)
-        grad_fn = torch.func.grad(objective)
-
-        def hvp(direction: Tensor) -> Tensor:
-            return torch.func.jvp(grad_fn, (v0,), (direction,))[1]
-
-        basis = torch.eye(n_total, dtype=acc, device=device)
-        H_full = torch.func.vmap(hvp, chunk_size=_HVP_CHUNK)(basis)
-    except (RuntimeError, NotImplementedError) as err:
-        logger.warning("Hessian-vector products by torch.func failed (%s); using a double-backward loop", err)
-        method = "double_backward"
-        v = v0.clone().requires_grad_(True)
-        with torch.enable_grad():
-            loss_t = objective(v)
-            (g_full,) = torch.autograd.grad(loss_t, v, create_graph=True)
-            rows = [torch.autograd.grad(g_full[i], v, retain_graph=True)[0] for i in range(n_total)]
-        H_full = torch.stack(rows) if rows else torch.zeros(0, 0, device=device)
-        g_full = g_full.detach()
+    with _math_attention():
+        g_full, H_full, loss_t, method = _gradient_and_hessian(objective, v0)
     _sync(device)
     elapsed = time.perf_counter() - t_start
     loss = float(loss_t.detach())

@@ -67,7 +67,10 @@ def _tiny_llama(seed=0):
 
 def _lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Mean next-token NLL over each window's non-padding tokens: one loss per sample."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return _lm_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
+
+
+def _lm_nll(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     targets = batch["input_ids"][:, 1:]
     mask = batch["attention_mask"][:, 1:].to(logits.dtype)
     nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
@@ -356,3 +359,25 @@ def test_bad_input_raises_clear_errors():
         estimate_blocks("fisher", model, {"0": (nn.Linear(2, 2), torch.tensor([1]))}, batch, _classifier_loss)
     with pytest.raises(ValueError, match=r"one loss per sample, shape \(5,\)"):
         estimate_blocks("fisher", model, {"0": (model[0], torch.arange(3))}, batch, lambda m, b: _classifier_loss(m, b).mean())
+
+
+def test_exact_on_tiny_llama_matches_autograd_hessian():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = _tiny_llama()
+    batch = _lm_batch()
+    layer = model.model.layers[0].self_attn.q_proj
+    idx = _random_block(layer.weight, 12, 7)
+    est = estimate_blocks("exact", model, {"q": (layer, idx)}, batch, _lm_loss)["q"]
+    key = [name for name, p in model.named_parameters() if p is layer.weight][0]
+    flat0 = layer.weight.detach().reshape(-1).clone()
+
+    def mean_loss(v):
+        weight = flat0.index_add(0, idx, v).reshape(layer.weight.shape)
+        logits = torch.func.functional_call(model, {key: weight}, (), dict(batch)).logits
+        return _lm_nll(logits, batch).mean()
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        H_ref = torch.autograd.functional.hessian(mean_loss, torch.zeros(12, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(est.H, H_ref, rtol=1e-6, atol=1e-6 * np.abs(H_ref).max())
+    assert np.abs(H_ref).max() > 1e-6
