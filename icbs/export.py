@@ -38,6 +38,8 @@ __all__ = [
     "REPORT_NAME",
     "CONFIG_NAME",
     "MODEL_DIR_NAME",
+    "BLOCKS_DIR_NAME",
+    "PLOT_NAMES",
     "prepare_output_dir",
     "apply_masks",
     "save_masks",
