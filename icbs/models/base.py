@@ -1,0 +1,164 @@
+"""The model-adapter contract and the loaded-model record.
+
+A :class:`ModelAdapter` hides what differs between model families (how a batch goes into the model, the
+per-sample loss, the metrics, how the model is written to disk) behind five members, so that the driver,
+the baselines and the CLI never look inside a model. :class:`LoadedModel` bundles a model with its
+adapter, its tokenizer (language models) and a display name; :func:`icbs.models.load_model` returns one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ModelAdapter",
+    "LoadedModel",
+    "find_prunable_layers",
+    "model_device",
+    "model_dtype",
+    "resolve_device",
+    "resolve_dtype",
+    "HEAD_NAMES",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Last name parts of modules treated as output heads (never pruned unless explicitly included).
+HEAD_NAMES = ("lm_head", "classifier", "head", "score")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """What icbs needs to know about a model family.
+
+    Attributes:
+        kind: ``"classifier"``, ``"causal_lm"`` or ``"image_classifier"``.
+    """
+
+    kind: str
+
+    def prunable_layers(
+        self, model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+    ) -> dict[str, nn.Module]:
+        """``{module name: nn.Linear}`` of the layers to prune, in model order."""
+        ...
+
+    def per_sample_loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """One loss per sample, shape ``(B,)``; the objective is its mean."""
+        ...
+
+    def evaluate(self, model: nn.Module, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
+        """``{"perplexity", "loss"}`` for language models, ``{"accuracy", "loss"}`` for classifiers."""
+        ...
+
+    def save(self, model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> None:
+        """Write the model (and tokenizer) so that :func:`icbs.models.load_model` reads it back."""
+        ...
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to prune.
+
+    Attributes:
+        model: the module, in eval mode, on its device.
+        adapter: the family's :class:`ModelAdapter`.
+        tokenizer: the tokenizer of a language model, else ``None``.
+        name: a short display name (builtin name or path).
+    """
+
+    model: nn.Module
+    adapter: ModelAdapter
+    tokenizer: Any = None
+    name: str = ""
+
+
+def _fallback_find_prunable(
+    model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> dict[str, nn.Module]:
+    """The rule of ``icbs.layers.find_prunable`` (INTERNALS.md), used while that module is absent."""
+    include_re = [re.compile(p) for p in include]
+    exclude_re = [re.compile(p) for p in exclude]
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for key, patterns in (("include", include_re), ("exclude", exclude_re)):
+        for pattern in patterns:
+            if not any(pattern.search(name) for name, _ in linears):
+                raise ValueError(f"'{key}' pattern {pattern.pattern!r} matches no nn.Linear layer of the model")
+    result: dict[str, nn.Module] = {}
+    for name, module in linears:
+        matched = any(p.search(name) for p in include_re)
+        if include_re and not matched:
+            continue
+        if any(p.search(name) for p in exclude_re):
+            continue
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES and not matched:
+            continue
+        result[name] = module
+    return result
+
+
+def find_prunable_layers(
+    model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` matching ``include`` and not ``exclude``, minus output heads.
+
+    Delegates to ``icbs.layers.find_prunable`` (the project-wide rule, INTERNALS.md "Layers").
+
+    Raises:
+        ValueError: a pattern matches no layer.
+    """
+    try:
+        from icbs.layers import find_prunable
+    except ImportError:
+        return _fallback_find_prunable(model, include, exclude)
+    return find_prunable(model, include=tuple(include), exclude=tuple(exclude))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameter-free module)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if none)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; anything else as given.
+
+    Raises:
+        ValueError: a CUDA device is asked for and none is available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"'model.device' is {device!r} but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """Map a config dtype name (``"float32"``, ``"bfloat16"``...) to a torch dtype."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"'model.dtype' should be one of {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]

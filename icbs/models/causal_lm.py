@@ -1,0 +1,163 @@
+"""Adapter and loader for Hugging Face causal language models (Llama/Mistral family).
+
+Batches are token windows ``{"input_ids": (B, T), "attention_mask": (B, T)}``; the per-sample loss is the
+mean next-token NLL over the window's non-padding targets (a target counts when it and the token that
+predicts it are both real). Models come from a local folder, a hub id (for users with network), or a GGUF
+file (``gguf_file=``; transformers de-quantises it to the configured dtype). The same
+:func:`load_hf_model` reads folders written by :meth:`CausalLMAdapter.save`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from icbs.evaluation import evaluate_lm, token_nll
+from icbs.models.base import find_prunable_layers, model_device, resolve_device, resolve_dtype
+
+__all__ = ["CausalLMAdapter", "load_hf_model", "save_hf_model", "resolve_model_path"]
+
+logger = logging.getLogger(__name__)
+
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def resolve_model_path(path: str | None, gguf_file: str | None) -> tuple[str, str | None]:
+    """Turn ``model.path``/``model.gguf_file`` into ``(folder or hub id, gguf file name or None)``.
+
+    ``gguf_file`` may be absolute (then ``path`` may be unset) or relative to ``path``; a ``path`` that is
+    itself a ``.gguf`` file is split into folder and name.
+
+    Raises:
+        ValueError: a local path or GGUF file does not exist (a string that is not a local path and looks
+            like ``org/name`` is passed on as a hub id).
+    """
+    if gguf_file is not None:
+        gguf = Path(gguf_file).expanduser()
+        if gguf.is_absolute() or path is None:
+            if not gguf.is_file():
+                raise ValueError(f"'model.gguf_file' should be an existing GGUF file; got {gguf_file!r}")
+            return str(gguf.parent), gguf.name
+    if path is None:
+        raise ValueError("'model.path' should be set (a local folder, a hub id or a .gguf file); got None")
+    local = Path(path).expanduser()
+    if local.exists():
+        if local.is_file():
+            if local.suffix != ".gguf" or gguf_file is not None:
+                raise ValueError(f"'model.path' should be a model folder or a .gguf file; got the file {path!r}")
+            return str(local.parent), local.name
+        if gguf_file is not None and not (local / gguf_file).is_file():
+            raise ValueError(f"'model.gguf_file' {gguf_file!r} is not a file in 'model.path' {path!r}")
+        return str(local), gguf_file
+    if path.startswith((".", "/", "~")) or not _HUB_ID_RE.fullmatch(path):
+        raise ValueError(f"'model.path' should be an existing folder, a .gguf file or a hub id; got {path!r}")
+    return path, gguf_file
+
+
+def load_hf_model(
+    auto_class: Any,
+    path: str | None,
+    *,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    with_tokenizer: bool = True,
+) -> tuple[nn.Module, Any]:
+    """Load a transformers model (and tokenizer) from a folder, hub id or GGUF file.
+
+    Args:
+        auto_class: e.g. ``transformers.AutoModelForCausalLM``.
+        path: local folder, hub id, or ``.gguf`` file.
+        gguf_file: GGUF file name inside ``path`` (or absolute).
+        dtype: ``"float32"``, ``"bfloat16"``... (GGUF weights are de-quantised to it).
+        device: ``"auto"``, ``"cpu"``, ``"cuda:0"``...
+        with_tokenizer: also load the tokenizer from the same place.
+
+    Returns:
+        ``(model in eval mode on the device, tokenizer or None)``.
+
+    Raises:
+        ValueError: the path does not exist and is not a reachable hub id.
+    """
+    location, gguf = resolve_model_path(path, gguf_file)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    try:
+        model = auto_class.from_pretrained(location, **kwargs)
+        tokenizer = None
+        if with_tokenizer:
+            from transformers import AutoTokenizer
+
+            tok_kwargs = {"gguf_file": gguf} if gguf is not None else {}
+            tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+    except OSError as err:
+        raise ValueError(
+            f"'model.path' {path!r} could not be loaded as a local model folder or hub id: {err}"
+        ) from err
+    model.to(resolve_device(device))
+    model.eval()
+    if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def save_hf_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> None:
+    """``save_pretrained`` in safetensors (without a GGUF ``quantization_config``) plus the tokenizer.
+
+    The model's config is left as it was.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    removed = config.__dict__.pop("quantization_config", None)
+    try:
+        kwargs: dict[str, Any] = {}
+        if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+            kwargs["safe_serialization"] = True
+        model.save_pretrained(str(out), **kwargs)
+    finally:
+        if removed is not None:
+            config.quantization_config = removed
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+class CausalLMAdapter:
+    """Hugging Face causal LM: next-token NLL per window, perplexity on held-out windows."""
+
+    kind = "causal_lm"
+
+    def prunable_layers(
+        self, model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+    ) -> dict[str, nn.Module]:
+        """Every ``nn.Linear`` except ``lm_head``, filtered by the patterns."""
+        return find_prunable_layers(model, include, exclude)
+
+    def per_sample_loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """Mean next-token NLL over each window's non-padding targets, shape ``(B,)`` float32.
+
+        A window with no valid target (all padding) gets loss 0.
+        """
+        device = model_device(model)
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch.get("attention_mask")
+        attention_mask = attention_mask.to(device) if attention_mask is not None else None
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        nll, valid = token_nll(logits, input_ids, attention_mask)
+        return nll.sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
+
+    def evaluate(self, model: nn.Module, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
+        """``{"perplexity", "loss", "n_tokens"}`` over all held-out target tokens."""
+        return evaluate_lm(model, batches)
+
+    def save(self, model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> None:
+        """``save_pretrained`` (safetensors) + tokenizer; reloadable with ``model.path=out_dir``."""
+        save_hf_model(model, out_dir, tokenizer)
+
