@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
@@ -30,15 +32,13 @@ __all__ = ["AnnealSolver", "beta_range"]
 logger = logging.getLogger(__name__)
 
 
-@numba.njit(cache=True)
-def _seed_kernel(seed):  # pragma: no cover - compiled
-    np.random.seed(seed)
-
-
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _anneal_kernel(
-    Q, x, F, energy, betas, movable, group_of, ones, zeros, pos, start, ks, size, best_x, best_energy
+    Q, x, F, energy, betas, movable, group_of, ones, zeros, pos, start, ks, size, best_x, best_energy, seed
 ):  # pragma: no cover - compiled
+    # numba's generator state is per thread; seed >= 0 re-seeds it for this run.
+    if seed >= 0:
+        np.random.seed(seed)
     n = x.shape[0]
     n_movable = movable.shape[0]
     for sweep in range(betas.shape[0]):
@@ -83,10 +83,11 @@ def _anneal_kernel(
     return energy, best_energy
 
 
-def _move_deltas(problem: CardinalityQP, layout: GroupLayout, rng: np.random.Generator, count: int) -> np.ndarray:
-    """|dE| of ``count`` random moves from a random feasible state (nonzero ones only)."""
+def _move_deltas(
+    problem: CardinalityQP, layout: GroupLayout, x: np.ndarray, rng: np.random.Generator, count: int
+) -> np.ndarray:
+    """|dE| of ``count`` random moves from the feasible state ``x`` (nonzero ones only)."""
     Q = problem.Q
-    x = feasible_start(problem, rng)
     field = Q @ x.astype(np.float64)
     diag = np.diag(Q)
     picks = layout.movable[rng.integers(0, layout.movable.size, size=count)]
@@ -96,7 +97,8 @@ def _move_deltas(problem: CardinalityQP, layout: GroupLayout, rng: np.random.Gen
     deltas[free] = 2.0 * s * field[picks[free]] + diag[picks[free]]
     for position in np.flatnonzero(~free):
         p = int(picks[position])
-        group = layout.members[layout.start[layout.group_of[p]] : layout.start[layout.group_of[p]] + layout.size[layout.group_of[p]]]
+        lo = int(layout.start[layout.group_of[p]])
+        group = layout.members[lo : lo + int(layout.size[layout.group_of[p]])]
         partners = group[x[group] != x[p]]
         q = int(partners[rng.integers(partners.size)])
         i, j = (p, q) if x[p] == 1 else (q, p)
@@ -106,38 +108,53 @@ def _move_deltas(problem: CardinalityQP, layout: GroupLayout, rng: np.random.Gen
 
 
 def beta_range(
-    problem: CardinalityQP, *, seed: int = 0, hot_accept: float = 0.5, cold_accept: float = 0.01
+    problem: CardinalityQP, x: np.ndarray | None = None, *, seed: int = 0
 ) -> tuple[float, float]:
-    """Pick ``(beta_hot, beta_cold)`` from the problem's scale.
+    """Pick ``(beta_hot, beta_cold)`` from the problem's scale around a state.
 
-    A median uphill move is accepted with probability ``hot_accept`` at ``beta_hot``, and a move
-    at the 5th percentile of |dE| with probability ``cold_accept`` at ``beta_cold``.
+    Without ``x`` (a run from a random state): at ``beta_hot`` a median uphill move from a random
+    feasible state is accepted with probability 1/2, at ``beta_cold`` a 5th-percentile one with
+    probability 1/100. With ``x`` (a warm start, which should stay in its basin): at ``beta_hot`` a
+    5th-percentile move from ``x`` is accepted with probability 1/1000, and ``beta_cold`` is thirty
+    times colder.
 
     Args:
         problem: the problem (at least one movable variable).
+        x: feasible warm start, or ``None``.
         seed: seed for the sampled moves.
-        hot_accept: acceptance probability of a median move at the start.
-        cold_accept: acceptance probability of a small (5th percentile) move at the end.
     """
     layout = group_layout(problem)
     rng = np.random.default_rng(seed)
-    magnitudes = _move_deltas(problem, layout, rng, int(min(4000, max(200, 4 * layout.movable.size))))
+    state = feasible_start(problem, rng) if x is None else x
+    count = int(min(4000, max(200, 4 * layout.movable.size)))
+    magnitudes = _move_deltas(problem, layout, state, rng, count)
     if magnitudes.size == 0:
         return 1.0, 1.0
-    hot = math.log(1.0 / hot_accept) / float(np.quantile(magnitudes, 0.5))
-    cold = math.log(1.0 / cold_accept) / float(np.quantile(magnitudes, 0.05))
-    return hot, max(cold, hot)
+    small = float(np.quantile(magnitudes, 0.05))
+    if x is not None:
+        hot = math.log(1000.0) / small
+        return hot, 30.0 * hot
+    hot = math.log(2.0) / float(np.quantile(magnitudes, 0.5))
+    return hot, max(math.log(100.0) / small, hot)
 
 
 class AnnealSolver(Solver):
     """Simulated annealing with swap moves that keep every cardinality constraint.
 
+    Without ``initial_state`` every restart starts from a random feasible state on the schedule
+    of :func:`beta_range`. With it, ``num_restarts - num_restarts // 4`` restarts start from
+    ``initial_state`` on a cold schedule (they refine its basin; a hot start would throw the warm
+    start away) and the others start from random states.
+
     Settings:
         num_sweeps: sweeps per restart (one sweep = one proposal per movable variable).
-        num_restarts: independent runs; the best is returned. With ``initial_state`` the first run
-            starts from it.
-        beta_range: ``(beta_hot, beta_cold)`` in units of 1/energy, or ``None`` to set it from the
-            problem's scale (:func:`beta_range`).
+        num_restarts: independent runs; the best is returned.
+        beta_range: ``(beta_hot, beta_cold)`` in units of 1/energy for the random-start runs, or
+            ``None`` to set it from the problem's scale (:func:`beta_range`).
+        warm_beta_range: the same for the warm-start runs (``None``: from the scale around
+            ``initial_state``).
+        num_workers: threads running restarts in parallel (the kernel releases the GIL);
+            ``None``: one per CPU. Results do not depend on it.
         time_limit_s: wall-time cap (``None``: none); the current best is returned when it hits.
 
     Example:
@@ -149,14 +166,25 @@ class AnnealSolver(Solver):
     """
 
     name = "anneal"
-    parameters = {"num_sweeps": 200, "num_restarts": 4, "beta_range": None, "time_limit_s": None}
+    parameters = {
+        "num_sweeps": 1000,
+        "num_restarts": 4,
+        "beta_range": None,
+        "warm_beta_range": None,
+        "num_workers": None,
+        "time_limit_s": None,
+    }
 
     def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         params = super()._check_params(params)
         check_positive_int("num_sweeps", params["num_sweeps"])
         check_positive_int("num_restarts", params["num_restarts"])
-        betas = params["beta_range"]
-        if betas is not None:
+        if params["num_workers"] is not None:
+            check_positive_int("num_workers", params["num_workers"])
+        for key in ("beta_range", "warm_beta_range"):
+            betas = params[key]
+            if betas is None:
+                continue
             valid = (
                 isinstance(betas, (tuple, list))
                 and len(betas) == 2
@@ -165,53 +193,81 @@ class AnnealSolver(Solver):
             )
             if not valid:
                 raise ValueError(
-                    f"'beta_range' should be None or a pair 0 < beta_hot <= beta_cold; got {betas!r}"
+                    f"'{key}' should be None or a pair 0 < beta_hot <= beta_cold; got {betas!r}"
                 )
-            params["beta_range"] = (float(betas[0]), float(betas[1]))
+            params[key] = (float(betas[0]), float(betas[1]))
         return params
 
     def _solve(self, problem, initial_state, seed, time_limit_s):
         start_time = time.perf_counter()
         deadline = None if time_limit_s is None else start_time + time_limit_s
         layout = group_layout(problem)
-        rng = np.random.default_rng(seed)
-        hot, cold = self.params["beta_range"] or beta_range(problem, seed=seed)
-        betas = np.geomspace(hot, cold, self.params["num_sweeps"])
+        n_restarts = self.params["num_restarts"]
+        n_warm = 0 if initial_state is None else n_restarts - n_restarts // 4
+        schedules = {"random": self.params["beta_range"] or beta_range(problem, seed=seed)}
+        if n_warm:
+            schedules["warm"] = self.params["warm_beta_range"] or beta_range(problem, initial_state, seed=seed)
+        n_sweeps = self.params["num_sweeps"]
+        betas = {key: np.geomspace(hot, cold, n_sweeps) for key, (hot, cold) in schedules.items()}
         # Time is checked between chunks of sweeps, never inside the compiled loop.
-        sweeps_per_chunk = betas.size if deadline is None else max(1, int(2e5 // max(layout.movable.size, 1)))
-        _seed_kernel(seed)
-        Q = problem.Q
-        best_x, best_energy, restarts_done, timed_out = None, np.inf, 0, False
-        for restart in range(self.params["num_restarts"]):
-            if best_x is not None and deadline is not None and time.perf_counter() > deadline:
-                timed_out = True
-                break
-            x = initial_state.copy() if (restart == 0 and initial_state is not None) else feasible_start(problem, rng)
-            ones, zeros, pos = self._buffers(x, layout)
-            field = Q @ x.astype(np.float64)
-            energy = float(x @ field)
-            run_best_x, run_best_energy = x.copy(), energy
-            for offset in range(0, betas.size, sweeps_per_chunk):
-                energy, run_best_energy = _anneal_kernel(
-                    Q, x, field, energy, betas[offset : offset + sweeps_per_chunk], layout.movable,
-                    layout.group_of, ones, zeros, pos, layout.start, layout.ks, layout.size,
-                    run_best_x, run_best_energy,
-                )
-                if deadline is not None and time.perf_counter() > deadline:
-                    timed_out = True
-                    break
-            polished, _ = swap_descent(problem, run_best_x, layout=layout)
-            value = problem.energy(polished)
-            restarts_done += 1
-            if value < best_energy:
-                best_x, best_energy = polished, value
-            if timed_out:
-                break
+        chunk = n_sweeps if deadline is None else max(1, int(2e5 // max(layout.movable.size, 1)))
+        run_seeds = np.random.SeedSequence(seed).generate_state(n_restarts)
+
+        def run(restart: int) -> tuple[np.ndarray, float, bool] | None:
+            if restart > 0 and deadline is not None and time.perf_counter() > deadline:
+                return None
+            warm = restart < n_warm
+            rng = np.random.default_rng(int(run_seeds[restart]))
+            x = initial_state.copy() if warm else feasible_start(problem, rng)
+            return self._run(problem, layout, x, betas["warm" if warm else "random"], chunk, deadline,
+                             int(run_seeds[restart]) % (2**31 - 1))
+
+        workers = min(self.params["num_workers"] or os.cpu_count() or 1, n_restarts)
+        if workers > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                results = list(pool.map(run, range(n_restarts)))
+        else:
+            results = [run(restart) for restart in range(n_restarts)]
+        done = [result for result in results if result is not None]
+        best_x, best_energy, _ = min(done, key=lambda item: item[1])
         info = {
-            "status": "FEASIBLE", "restarts": restarts_done, "beta_range": (hot, cold),
-            "timed_out": timed_out,
+            "status": "FEASIBLE",
+            "restarts": len(done),
+            "warm_restarts": sum(1 for restart, r in enumerate(results) if r is not None and restart < n_warm),
+            "beta_range": schedules["random"],
+            "warm_beta_range": schedules.get("warm"),
+            "timed_out": any(result[2] for result in done) or len(done) < n_restarts,
         }
         return best_x, info
+
+    @staticmethod
+    def _run(
+        problem: CardinalityQP,
+        layout: GroupLayout,
+        x: np.ndarray,
+        schedule: np.ndarray,
+        chunk: int,
+        deadline: float | None,
+        seed: int,
+    ) -> tuple[np.ndarray, float, bool]:
+        """One annealing run from ``x`` then a swap descent; returns (x, energy, timed_out)."""
+        Q = problem.Q
+        ones, zeros, pos = AnnealSolver._buffers(x, layout)
+        field = Q @ x.astype(np.float64)
+        energy = float(x @ field)
+        best_x, best_energy = x.copy(), energy
+        timed_out = False
+        for offset in range(0, schedule.size, chunk):
+            energy, best_energy = _anneal_kernel(
+                Q, x, field, energy, schedule[offset : offset + chunk], layout.movable,
+                layout.group_of, ones, zeros, pos, layout.start, layout.ks, layout.size,
+                best_x, best_energy, seed if offset == 0 else -1,
+            )
+            if deadline is not None and time.perf_counter() > deadline:
+                timed_out = True
+                break
+        polished, _ = swap_descent(problem, best_x, layout=layout)
+        return polished, problem.energy(polished), timed_out
 
     @staticmethod
     def _buffers(x: np.ndarray, layout: GroupLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
