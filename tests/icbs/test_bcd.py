@@ -1,0 +1,205 @@
+"""Tests for icbs.bcd: the BCD driver on tiny models (exact derivatives, exact block solvers)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import icbs
+import icbs.bcd as bcd
+from icbs.bcd import layer_schedule, reconstruct_weights, step_seed
+from icbs.state import round_half_up
+
+
+class _Watch:
+    """Wraps select_block to see the state; checks tabu/fixed/density invariants at every step."""
+
+    def __init__(self, monkeypatch, layers):
+        self.layers = layers
+        self.state = None
+        self.fixed = None
+        self.selected = []
+        original = bcd.select_block
+
+        def wrapped(state, layer, scores, block_size, k, generator=None):
+            self.state = state
+            if self.fixed is None:
+                self.fixed = {n: (state[n].fixed_pruned.clone(), state[n].fixed_kept.clone()) for n in state}
+            tabu = set(state[layer].tabu)
+            idx = original(state, layer, scores, block_size, k, generator)
+            chosen = set(idx.tolist())
+            assert not chosen & tabu, "a tabu weight was selected"
+            assert bool(state[layer].free_mask().view(-1)[idx].all()), "a fixed weight was selected"
+            self.selected.append((layer, idx))
+            return idx
+
+        monkeypatch.setattr(bcd, "select_block", wrapped)
+
+    def check_step(self, record):
+        if record.get("event") != "step":
+            return
+        for name, module in self.layers.items():
+            weight = module.weight.detach()
+            state = self.state[name]
+            assert torch.equal(weight != 0, state.keep_mask), "model and mask disagree"
+            assert int(state.keep_mask.sum()) == self.state.target_kept(name)
+            fixed_pruned, fixed_kept = self.fixed[name]
+            assert not bool(state.keep_mask[fixed_pruned].any()) and bool(state.keep_mask[fixed_kept].all())
+
+
+def test_layer_schedule_spreads_by_log_size_and_is_seeded():
+    sizes = {"small": 16, "big": 16**3}
+    one = layer_schedule(sizes, 1, seed=3, epoch=0)
+    assert one.count("small") == 1 and one.count("big") == 3
+    assert layer_schedule(sizes, 2, seed=3, epoch=0).count("small") == 2
+    assert one == layer_schedule(sizes, 1, seed=3, epoch=0)
+    assert step_seed(0, 5) == step_seed(0, 5) != step_seed(0, 6)
+
+
+@pytest.mark.parametrize("solver", ["exhaustive", "cpsat"])
+def test_bcd_every_applied_step_improves_quadratic_model_and_keeps_invariants(
+    monkeypatch, mlp_problem, make_config, solver
+):
+    if solver == "cpsat":
+        pytest.importorskip("ortools")
+    model, calib, loss_fn = mlp_problem()
+    layers = {"fc1": model.fc1, "fc2": model.fc2}
+    watch = _Watch(monkeypatch, layers)
+    cfg = make_config(
+        scoring={"fix_frac_prune": 0.2, "fix_frac_keep": 0.2, "selection_method": "gradient"},
+        blocks={"block_size": 10, "k": 5, "tabu_frac": 0.3},
+        solver={"name": solver, "params": {"num_workers": 1} if solver == "cpsat" else {}},
+        bcd={"max_steps": 16},
+    )
+    result = icbs.prune(model, cfg, calib, loss_fn, callbacks=[watch.check_step])
+    history = result.history
+    assert len(history) == result.report["steps"] > 0
+    accepted = [h for h in history if h["accepted"]]
+    assert accepted, "no move accepted on a problem where init is far from optimal"
+    assert all(h["predicted_delta"] < 0 for h in accepted)
+    # An exact solver answers with the block optimum: a rejected step means no improving move existed.
+    assert all(h["predicted_delta"] >= -1e-12 for h in history if not h["accepted"])
+    assert all(h["status"] == "OPTIMAL" for h in history)
+    assert result.report["final_loss"] <= result.report["init_loss"]
+    for name, module in layers.items():
+        assert int(result.masks[name].sum()) == round_half_up(0.5 * module.weight.numel())
+        assert torch.equal(module.weight.detach() != 0, result.masks[name])
+
+
+def test_bcd_predicted_delta_equals_true_loss_change_on_quadratic_loss(linear_problem, make_config):
+    model, calib, loss_fn = linear_problem()
+    cfg = make_config(blocks={"block_size": 8, "k": 4, "tabu_frac": 0.2}, derivatives={"n_samples": 24},
+                      bcd={"max_steps": 8})
+    result = icbs.prune(model, cfg, calib, loss_fn)
+    losses = [h["batch_loss"] for h in result.history] + [result.report["final_loss"]]
+    assert math.isclose(losses[0], result.report["init_loss"], rel_tol=1e-9)
+    n_checked = 0
+    for i, h in enumerate(result.history):
+        true_change = losses[i + 1] - losses[i]
+        expected = h["predicted_delta"] if h["accepted"] else 0.0
+        assert true_change == pytest.approx(expected, rel=1e-6, abs=1e-10)
+        n_checked += h["accepted"]
+    assert n_checked >= 1
+
+
+@pytest.mark.parametrize("pattern", ["per_output", "2:4"])
+def test_bcd_structured_patterns_keep_exact_counts(monkeypatch, transformer_problem, make_config, pattern):
+    model, calib, loss_fn = transformer_problem()
+    layers = icbs.find_prunable(model, include=["up_proj", "down_proj"])
+    watch = _Watch(monkeypatch, layers)
+    cfg = make_config(
+        pruning={"density": 0.5, "pattern": pattern},
+        scoring={"init_method": "wanda", "init_scope": "per_output", "selection_method": "wanda"},
+        blocks={"block_size": 12, "k": 6, "tabu_frac": 0.2},
+        derivatives={"estimator": "fisher", "n_samples": 8},
+        bcd={"max_steps": 6},
+    )
+    result = icbs.prune(model, cfg, calib, loss_fn, layers=layers, callbacks=[watch.check_step])
+    for name, mask in result.masks.items():
+        if pattern == "per_output":
+            assert mask.sum(dim=1).eq(mask.shape[1] // 2).all()
+        else:
+            assert mask.reshape(-1, 4).sum(dim=1).eq(2).all()
+    assert all(h["block_size"] <= 12 for h in result.history)
+    assert all(h["predicted_delta"] < 0 for h in result.history if h["accepted"])
+
+
+def test_bcd_blocks_per_round_undoes_rounds_that_raise_the_batch_loss(mlp_problem, make_config):
+    model, calib, loss_fn = mlp_problem()
+    # All 32 samples in every round: the batch loss at the start of each round must never rise.
+    cfg = make_config(blocks={"block_size": 8, "k": 4, "tabu_frac": 0.2},
+                      derivatives={"estimator": "fisher", "n_samples": 32},
+                      bcd={"max_steps": 12, "blocks_per_round": 2})
+    result = icbs.prune(model, cfg, calib, loss_fn)
+    report, history = result.report, result.history
+    rounds = [history[i : i + 2] for i in range(0, len(history), 2)]
+    assert all(len({h["layer"] for h in r}) == len(r) for r in rounds)  # one block per layer per round
+    undone = [r for r in rounds if any(h["undone"] for h in r)]
+    assert report["undone_rounds"] == len(undone) >= 1
+    assert all(not h["accepted"] for r in undone for h in r)
+    losses = [r[0]["batch_loss"] for r in rounds] + [report["final_loss"]]
+    assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))
+    assert report["final_loss"] < report["init_loss"]
+    assert report["accepted"] == sum(h["accepted"] for h in history)
+    for mask in result.masks.values():
+        assert int(mask.sum()) == round_half_up(0.5 * mask.numel())
+
+
+def test_bcd_evaluate_callbacks_progress_and_report(mlp_problem, make_config):
+    model, calib, loss_fn = mlp_problem()
+    evaluations, events, ticks = [], [], []
+
+    def evaluate(m):
+        evaluations.append(1)
+        with torch.no_grad():
+            return {"loss": float(loss_fn(m, calib[0]).mean())}
+
+    cfg = make_config(bcd={"max_steps": 4})
+    result = icbs.prune(model, cfg, calib, loss_fn, evaluate=evaluate, eval_every_s=1e-9,
+                        callbacks=[events.append], progress=lambda e, b, s: ticks.append((e, b, s)))
+    assert len(evaluations) >= 2  # after init, periodically, at the end
+    assert result.report["init_metrics"]["loss"] > 0
+    assert [e["step"] for e in events if e["event"] == "step"] == [0, 1, 2, 3]
+    assert any(e["event"] == "eval" and "loss" in e["metrics"] for e in events)
+    assert [s for _, _, s in ticks] == [1, 2, 3, 4] and all(b is None for _, b, _ in ticks)
+    report = result.report
+    assert report["stop_reason"] == "max_steps" and report["steps"] == 4
+    assert set(report["layers"]) == {"fc1", "fc2"}
+    assert report["layers"]["fc1"]["density"] == 0.5
+    assert sum(v["steps"] for v in report["layers"].values()) == 4
+    assert report["solver"]["calls"] + sum(h["status"] == "SKIPPED" for h in result.history) == 4
+
+
+def test_bcd_time_budget_stops_the_run(mlp_problem, make_config):
+    model, calib, loss_fn = mlp_problem()
+    cfg = make_config(bcd={"max_steps": None, "time_budget": 0.5, "max_epochs": 1000})
+    result = icbs.prune(model, cfg, calib, loss_fn)
+    assert result.report["stop_reason"] in ("time_budget", "no_improvement")
+    assert result.report["elapsed_s"] < 5.0
+
+
+def test_reconstruct_weights_solves_masked_least_squares():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    w0 = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    mask = torch.rand(3, 6, generator=gen) > 0.5
+    out = reconstruct_weights(w0, mask, x.T @ x / 50, damping=0.0)
+    assert torch.equal(out[~mask], torch.zeros(int((~mask).sum()), dtype=torch.float64))
+    for r in range(3):
+        cols = mask[r]
+        expected = torch.linalg.lstsq(x[:, cols], x @ w0[r]).solution
+        assert torch.allclose(out[r, cols], expected, atol=1e-8)
+
+
+def test_bcd_reconstruct_lowers_layerwise_error(mlp_problem, make_config):
+    model, calib, loss_fn = mlp_problem()
+    cfg = make_config(derivatives={"estimator": "layerwise"}, bcd={"max_steps": 4, "reconstruct": True,
+                                                                   "reconstruct_damping": 0.01})
+    dense = model.fc2.weight.detach().clone()
+    result = icbs.prune(model, cfg, calib, loss_fn)
+    w = model.fc2.weight.detach()
+    mask = result.masks["fc2"]
+    assert torch.equal(w != 0, mask)
+    assert not torch.equal(w[mask], dense[mask])  # kept weights got new values
+    assert result.report["final_loss"] < result.report["init_loss"]
