@@ -117,11 +117,11 @@ class ObsSolver(Solver):
             logger.warning("obs: H + 2*ridge*I is singular; added damping %.3g", mu)
         w = _continuous_minimiser(block, h_inv)
         x = np.zeros(problem.n, dtype=np.int8)
-        remaining = np.zeros(len(problem.groups), dtype=np.int64)
-        for index, (group, k) in enumerate(zip(problem.groups, problem.ks)):
-            remaining[index] = k
+        remaining = np.array(problem.ks, dtype=np.int64)
         group_of = problem.group_of
-        candidate = (group_of >= 0) & (remaining[np.maximum(group_of, 0)] > 0)
+        candidate = np.zeros(problem.n, dtype=bool)
+        for group, k in zip(problem.groups, problem.ks):
+            candidate[group] = k > 0
         for _ in range(int(remaining.sum())):
             diag = np.diag(h_inv)
             saliency = np.where(candidate, w**2 / (2.0 * np.maximum(diag, 1e-300)), np.inf)
