@@ -477,8 +477,14 @@ class CardinalityQP:
         for u, v, bias in objective.iter_quadratic():
             Q[u, v] += 0.5 * bias
             Q[v, u] += 0.5 * bias
+        def order(item: tuple[Any, Any]) -> tuple[int, str]:
+            # Labels written by to_cqm are 'group_<index>'; keep that order (files may reorder).
+            label = str(item[0])
+            suffix = label.rsplit("_", 1)[-1]
+            return (int(suffix), label) if label.startswith("group_") and suffix.isdigit() else (-1, label)
+
         constraints = []
-        for name, constraint in cqm.constraints.items():
+        for name, constraint in sorted(cqm.constraints.items(), key=order):
             lhs = constraint.lhs
             if constraint.sense is not dimod.sampleset.Sense.Eq or lhs.num_interactions:
                 raise ValueError(f"CQM constraint {name!r} should be a linear equality; got {constraint}")
