@@ -1,0 +1,81 @@
+"""Solution quality on 50 random instances (n in 12..18, one group or 2:4 groups)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from solvers import get_solver
+from tests.solvers.conftest import random_block_instance
+
+
+def _rel_close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(1.0, abs(b))
+
+
+def test_quality_cpsat_matches_exhaustive_on_all(fifty_instances, fifty_optima):
+    solver = get_solver("cpsat")
+    for seed, (problem, optimum) in enumerate(zip(fifty_instances, fifty_optima)):
+        solution = solver.solve(problem, seed=seed)
+        assert solution.info["status"] == "OPTIMAL", seed
+        assert _rel_close(solution.energy, optimum), (seed, solution.energy, optimum)
+
+
+def test_quality_anneal_default_finds_optimum_on_48_of_50(fifty_instances, fifty_optima):
+    solver = get_solver("anneal")
+    hits = sum(
+        solution.energy <= optimum + 1e-9 * max(1.0, abs(optimum))
+        for seed, (problem, optimum) in enumerate(zip(fifty_instances, fifty_optima))
+        for solution in [solver.solve(problem, seed=seed)]
+    )
+    assert hits >= 48
+
+
+def test_quality_energies_match_direct_quadratic_form(fifty_instances):
+    solver = get_solver("anneal", num_sweeps=100, num_restarts=1)
+    for problem in fifty_instances[:10]:
+        solution = solver.solve(problem, seed=0)
+        x = solution.x.astype(float)
+        direct = float(x @ problem.Q @ x) + problem.offset
+        assert _rel_close(solution.energy, direct)
+
+
+@pytest.mark.parametrize("name", ["obs", "iobs", "neal"])
+def test_quality_heuristics_always_feasible(name):
+    params = {"num_reads": 4, "num_sweeps": 200} if name == "neal" else {}
+    solver = get_solver(name, **params)
+    for seed in range(50):
+        problem = random_block_instance(seed)
+        solution = solver.solve(problem, seed=seed)
+        assert problem.is_feasible(solution.x)
+        assert _rel_close(solution.energy, problem.energy(solution.x))
+
+
+def test_quality_iobs_optimal_variant_full_step_is_exact():
+    from solvers import get_solver as build
+
+    oracle = build("exhaustive")
+    solver = build("iobs", variant="optimal", step_size=1.0)
+    for seed in range(5):
+        problem = random_block_instance(seed)
+        assert _rel_close(solver.solve(problem).energy, oracle.solve(problem).energy)
+
+
+def test_quality_cpsat_proves_block_like_n24_within_10s():
+    from solvers.generators import block_like
+
+    problem, x_cur = block_like(24, seed=0)
+    solution = get_solver("cpsat", time_limit_s=10.0).solve(problem, initial_state=x_cur, seed=0)
+    assert solution.info["status"] == "OPTIMAL"
+    assert solution.info["wall_time_s"] <= 10.5
+    assert solution.energy <= 0.0
+
+
+def test_quality_polish_composite_never_worse():
+    from solvers.composites import PolishComposite
+
+    problem = random_block_instance(2)
+    plain = get_solver("obs").solve(problem)
+    polished = PolishComposite(get_solver("obs")).solve(problem)
+    assert polished.energy <= plain.energy
+    assert np.isfinite(polished.energy)
