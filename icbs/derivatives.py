@@ -595,7 +595,9 @@ def _accumulate_inputs(
     """Run forwards with hooks; return (C per layer, mean loss or NaN, seconds spent in the hooks)."""
     for name, module in layers.items():
         if not isinstance(module, nn.Linear):
-            raise TypeError(f"layer {name!r} should be an nn.Linear for the layer-wise objective; got {type(module).__name__}")
+            raise TypeError(
+                f"layer {name!r} should be an nn.Linear for the layer-wise objective; got {type(module).__name__}"
+            )
     device = _model_device(model)
     sums = {
         name: torch.zeros(m.in_features, m.in_features, dtype=_accumulation_dtype(m.weight.dtype), device=m.weight.device)
@@ -671,7 +673,8 @@ def _estimate_layerwise(
             )
         if tuple(ref.shape) != tuple(block.module.weight.shape):
             raise ValueError(
-                f"'reference_weights[{block.name!r}]' should have shape {tuple(block.module.weight.shape)}; got {tuple(ref.shape)}"
+                f"'reference_weights[{block.name!r}]' should have shape {tuple(block.module.weight.shape)}; "
+                f"got {tuple(ref.shape)}"
             )
         given = layer_inputs.get(block.name)
         n_in = block.module.in_features

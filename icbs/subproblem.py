@@ -127,7 +127,9 @@ def build_block_problem(
                 raise ValueError(f"'groups[{position}]' should be a (positions, k) pair; got {item!r}") from err
             members = np.asarray(members, dtype=np.int64).reshape(-1)
             if members.size and (members.min() < 0 or members.max() >= n):
-                raise ValueError(f"'groups[{position}]' positions should be in [0, {n - 1}]; got {members.min()}..{members.max()}")
+                raise ValueError(
+                    f"'groups[{position}]' positions should be in [0, {n - 1}]; got {members.min()}..{members.max()}"
+                )
             pruned_now = int(x_cur[members].sum())
             if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) != pruned_now:
                 raise ValueError(
