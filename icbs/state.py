@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -206,7 +206,8 @@ class PruningState:
     def __getitem__(self, name: str) -> LayerState:
         return self.layers[name]
 
-    def __iter__(self):  # noqa: D105 - iterate over layer names
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over layer names."""
         return iter(self.layers)
 
     def __len__(self) -> int:

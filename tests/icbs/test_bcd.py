@@ -171,12 +171,26 @@ def test_bcd_evaluate_callbacks_progress_and_report(mlp_problem, make_config):
     assert report["solver"]["calls"] + sum(h["status"] == "SKIPPED" for h in result.history) == 4
 
 
-def test_bcd_time_budget_stops_the_run(mlp_problem, make_config):
-    model, calib, loss_fn = mlp_problem()
-    cfg = make_config(bcd={"max_steps": None, "time_budget": 0.5, "max_epochs": 1000})
-    result = icbs.prune(model, cfg, calib, loss_fn)
-    assert result.report["stop_reason"] in ("time_budget", "no_improvement")
-    assert result.report["elapsed_s"] < 5.0
+def test_bcd_time_budget_stops_the_run_and_caps_the_solver(monkeypatch, transformer_problem, make_config):
+    import time
+
+    model, calib, loss_fn = transformer_problem()
+    limits = []
+    original = bcd._Driver._solve_block
+
+    def spy(self, *args, **kwargs):
+        limits.append(self.budget - self.elapsed())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(bcd._Driver, "_solve_block", spy)
+    cfg = make_config(derivatives={"estimator": "fisher"},
+                      bcd={"max_steps": None, "time_budget": 0.6, "max_epochs": 100})
+    result = icbs.prune(model, cfg, calib, loss_fn, callbacks=[lambda record: time.sleep(0.25)])
+    # One pass has 6+ steps, so only the budget can stop the run before a pass ends.
+    assert result.report["stop_reason"] == "time_budget"
+    assert 1 <= result.report["steps"] < 6
+    assert 0.6 <= result.report["elapsed_s"] < 3.0
+    assert all(limit <= 0.6 for limit in limits)
 
 
 def test_reconstruct_weights_solves_masked_least_squares():
@@ -203,3 +217,19 @@ def test_bcd_reconstruct_lowers_layerwise_error(mlp_problem, make_config):
     assert torch.equal(w != 0, mask)
     assert not torch.equal(w[mask], dense[mask])  # kept weights got new values
     assert result.report["final_loss"] < result.report["init_loss"]
+
+
+def test_bcd_sparsegpt_init_takes_baseline_masks_but_original_values(mlp_problem, make_config):
+    from icbs.baselines import run_baseline
+
+    reference, calib, loss_fn = mlp_problem()
+    layers = {"fc1": reference.fc1, "fc2": reference.fc2}
+    expected = run_baseline("sparsegpt", reference, layers, calib, loss_fn, density=0.5, seed=0)
+    model, calib, loss_fn = mlp_problem()
+    dense = {n: getattr(model, n).weight.detach().clone() for n in layers}
+    cfg = make_config(scoring={"init_method": "sparsegpt"}, bcd={"max_steps": 0})
+    result = icbs.prune(model, cfg, calib, loss_fn)
+    assert result.report["steps"] == 0
+    for name in layers:
+        assert torch.equal(result.masks[name], expected[name].cpu())
+        assert torch.equal(getattr(model, name).weight.detach(), dense[name] * result.masks[name])
