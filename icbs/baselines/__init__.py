@@ -34,7 +34,7 @@ _OPTIONS = {
     "magnitude": {"scope": None},
     "wanda": {"scope": None},
     "random": {"scope": None},
-    "sparsegpt": {"blocksize": 128, "damping_frac": 0.01},
+    "sparsegpt": {"block_size": 128, "damping_frac": 0.01},
 }
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
@@ -49,9 +49,9 @@ def _check_options(method: str, opts: Mapping[str, Any]) -> dict[str, Any]:
         )
     merged = {**allowed, **opts}
     if method == "sparsegpt":
-        blocksize = merged["blocksize"]
-        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
-            raise ValueError(f"'blocksize' should be a positive int; got {blocksize!r}")
+        block_size = merged["block_size"]
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"'block_size' should be a positive int; got {block_size!r}")
         damping = merged["damping_frac"]
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
             raise ValueError(f"'damping_frac' should be a non-negative number; got {damping!r}")
@@ -84,7 +84,7 @@ def run_baseline(
         pattern: ``"unstructured"``, ``"per_output"`` or ``"N:M"`` such as ``"2:4"``.
         seed: seeds ``random``.
         **opts: ``scope`` (magnitude/wanda/random: ``per_layer``, ``per_output``, ``per_input``);
-            ``blocksize`` (128) and ``damping_frac`` (0.01) for sparsegpt.
+            ``block_size`` (128) and ``damping_frac`` (0.01) for sparsegpt.
 
     Returns:
         ``{name: (n_out, n_in) bool}`` keep-masks (True = kept) with exactly the pattern's counts.
@@ -108,7 +108,7 @@ def run_baseline(
     if method == "sparsegpt":
         masks = run_sparsegpt(
             model, layers, calibration, loss_fn, mask_pattern,
-            blocksize=options["blocksize"], damping_frac=float(options["damping_frac"]),
+            block_size=options["block_size"], damping_frac=float(options["damping_frac"]),
         )
     else:
         masks = one_shot_masks(

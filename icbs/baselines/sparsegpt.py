@@ -2,7 +2,7 @@ r"""SparseGPT (Frantar & Alistarh, 2023): one-shot pruning with optimal-brain-su
 
 For one linear layer with weight :math:`W \in \mathbb{R}^{n_{out} \times n_{in}}` and calibration inputs
 :math:`X`, the layer-wise objective is :math:`\|(W' - W) X\|_F^2` with Hessian :math:`H = 2 X X^\top / N`.
-Columns are processed left to right in blocks of ``blocksize``. Inside a block the mask is chosen by the
+Columns are processed left to right in blocks of ``block_size``. Inside a block the mask is chosen by the
 OBS saliency :math:`w_{ij}^2 / [H^{-1}]_{jj}^2` (for N:M, per group of M columns when the group starts), a
 pruned weight is zeroed, and its error :math:`e = w / [H^{-1}]_{jj}` is spread over the later columns with
 the upper Cholesky factor of :math:`H^{-1}` (the sequential OBS update); blocks then pass their
@@ -81,7 +81,7 @@ def sparsegpt_prune_weight(
     hessian: Tensor,
     pattern: MaskPattern,
     *,
-    blocksize: int = 128,
+    block_size: int = 128,
     damping_frac: float = 0.01,
 ) -> tuple[Tensor, Tensor]:
     """Prune one weight matrix with SparseGPT.
@@ -90,21 +90,21 @@ def sparsegpt_prune_weight(
         weight: ``(n_out, n_in)`` dense weight (any float dtype; the math runs in float32 on its device).
         hessian: ``(n_in, n_in)`` ``2 X X^T / N`` of the layer's inputs.
         pattern: the mask pattern (``unstructured``, ``per_output`` or ``nm``) and density.
-        blocksize: columns per lazy-update block (a multiple of M for N:M).
+        block_size: columns per lazy-update block (a multiple of M for N:M).
         damping_frac: relative diagonal damping (see :func:`inverse_hessian_factor`).
 
     Returns:
         ``(new_weight (n_out, n_in) float32, keep_mask (n_out, n_in) bool)``; pruned entries are exactly 0.
 
     Raises:
-        ValueError: shapes that do not fit, or N:M with ``n_in`` or ``blocksize`` not a multiple of M.
+        ValueError: shapes that do not fit, or N:M with ``n_in`` or ``block_size`` not a multiple of M.
     """
     n_out, n_in = weight.shape
     if hessian.shape != (n_in, n_in):
         raise ValueError(f"'hessian' should be ({n_in}, {n_in}) for a weight {tuple(weight.shape)}; got {tuple(hessian.shape)}")
-    if pattern.kind == "nm" and (n_in % pattern.m or blocksize % pattern.m):
+    if pattern.kind == "nm" and (n_in % pattern.m or block_size % pattern.m):
         raise ValueError(
-            f"'blocksize' ({blocksize}) and n_in ({n_in}) should be multiples of M={pattern.m} for pattern {pattern}"
+            f"'block_size' ({block_size}) and n_in ({n_in}) should be multiples of M={pattern.m} for pattern {pattern}"
         )
     W = weight.detach().float().clone()
     H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
@@ -120,8 +120,8 @@ def sparsegpt_prune_weight(
     else:
         total_prune = n_out * n_in - pattern.group_target((n_out, n_in))
         row_prune = 0
-    for i1 in range(0, n_in, blocksize):
-        i2 = min(i1 + blocksize, n_in)
+    for i1 in range(0, n_in, block_size):
+        i2 = min(i1 + block_size, n_in)
         count = i2 - i1
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
@@ -301,7 +301,7 @@ def _prune_group(
     layers: Mapping[str, nn.Module],
     hessians: Mapping[str, Tensor],
     pattern: MaskPattern,
-    blocksize: int,
+    block_size: int,
     damping_frac: float,
     masks: dict[str, Tensor],
     originals: dict[str, Tensor],
@@ -309,7 +309,7 @@ def _prune_group(
     for name in names:
         module = layers[name]
         new_weight, keep = sparsegpt_prune_weight(
-            module.weight, hessians[name], pattern, blocksize=blocksize, damping_frac=damping_frac
+            module.weight, hessians[name], pattern, block_size=block_size, damping_frac=damping_frac
         )
         originals.setdefault(name, module.weight.detach().to("cpu", copy=True))
         with torch.no_grad():
@@ -324,7 +324,7 @@ def run_sparsegpt(
     loss_fn: LossFn,
     pattern: MaskPattern,
     *,
-    blocksize: int = 128,
+    block_size: int = 128,
     damping_frac: float = 0.01,
 ) -> dict[str, Tensor]:
     """Prune every layer with SparseGPT, sequentially, feeding pruned outputs forward.
@@ -335,7 +335,7 @@ def run_sparsegpt(
         calibration: batches run through ``loss_fn`` (no grad) to capture inputs.
         loss_fn: ``loss_fn(model, batch) -> (B,)``.
         pattern: mask pattern and density.
-        blocksize: SparseGPT column block.
+        block_size: SparseGPT column block.
         damping_frac: relative Hessian damping.
 
     Returns:
@@ -354,9 +354,9 @@ def run_sparsegpt(
     try:
         found = _block_list(model, layers)
         if found is None:
-            _run_model_groups(model, layers, calibration, loss_fn, pattern, blocksize, damping_frac, masks, originals)
+            _run_model_groups(model, layers, calibration, loss_fn, pattern, block_size, damping_frac, masks, originals)
         else:
-            _run_blocks(model, found, layers, calibration, loss_fn, pattern, blocksize, damping_frac, masks, originals)
+            _run_blocks(model, found, layers, calibration, loss_fn, pattern, block_size, damping_frac, masks, originals)
     except BaseException:
         with torch.no_grad():
             for name, weight in originals.items():
@@ -373,7 +373,7 @@ def _run_model_groups(
     calibration: Sequence[dict[str, Tensor]],
     loss_fn: LossFn,
     pattern: MaskPattern,
-    blocksize: int,
+    block_size: int,
     damping_frac: float,
     masks: dict[str, Tensor],
     originals: dict[str, Tensor],
@@ -388,7 +388,7 @@ def _run_model_groups(
     for names in groups:
         subset = {name: layers[name] for name in names}
         hessians = _hessians(run_all, subset)
-        _prune_group(names, layers, hessians, pattern, blocksize, damping_frac, masks, originals)
+        _prune_group(names, layers, hessians, pattern, block_size, damping_frac, masks, originals)
         logger.debug("SparseGPT: pruned %s", ", ".join(names))
 
 
@@ -399,7 +399,7 @@ def _run_blocks(
     calibration: Sequence[dict[str, Tensor]],
     loss_fn: LossFn,
     pattern: MaskPattern,
-    blocksize: int,
+    block_size: int,
     damping_frac: float,
     masks: dict[str, Tensor],
     originals: dict[str, Tensor],
@@ -421,7 +421,7 @@ def _run_blocks(
             groups = _call_groups(lambda: block(*first_args, **first_kwargs), block_layers)
             for names in groups:
                 hessians = _hessians(run_all, {name: block_layers[name] for name in names})
-                _prune_group(names, layers, hessians, pattern, blocksize, damping_frac, masks, originals)
+                _prune_group(names, layers, hessians, pattern, block_size, damping_frac, masks, originals)
         with torch.no_grad():
             outputs = run_all()
         hidden = [out[0] if isinstance(out, (tuple, list)) else out for out in outputs]
