@@ -1,7 +1,6 @@
 """Tests for icbs.layers: choosing and validating the layers to prune."""
 
 import pytest
-import torch
 from torch import nn
 
 from icbs.layers import check_layers, find_prunable

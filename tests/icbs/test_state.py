@@ -1,6 +1,5 @@
 """Tests for icbs.state: masks, fixed sets, tabu memory, moves, restore and invariants."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
