@@ -352,11 +352,11 @@ def run_prune(
         "versions": export.collect_versions(),
         "prune": core,
     }
+    timings["total_s"] = time.perf_counter() - started
     _write_outputs(path, cfg, loaded, masks, report)
     checkpoint = path / export.CHECKPOINT_NAME
     if checkpoint.exists():
         checkpoint.unlink()  # the run finished: its outputs replace the checkpoint
-    timings["total_s"] = time.perf_counter() - started
     return RunOutcome(path, metric, dense, init, final, densities["total"], report)
 
 

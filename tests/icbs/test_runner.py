@@ -147,3 +147,21 @@ def test_run_export_blocks_files_read_back(cfg, tmp_path):
 def test_run_export_blocks_keeps_solver_params_valid(cfg, tmp_path):
     with_params = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, params={"num_sweeps": 50}))
     assert len(runner.run_export_blocks(with_params, out_dir=tmp_path / "b", n_blocks=1)) == 2
+
+
+@pytest.mark.slow
+def test_causal_lm_run_saves_hf_model_that_reloads(tmp_path):
+    cfg = load_config(overrides=[
+        "model.kind=causal_lm", "model.builtin=tiny_llama", "model.device=cpu",
+        "calibration.source=pydoc", "calibration.n_samples=8", "calibration.seq_len=32", "calibration.batch_size=4",
+        "eval.n_samples=8", "eval.seq_len=32", "eval.batch_size=4", "eval.every_s=null",
+        "blocks.block_size=32", "blocks.k=16", "derivatives.estimator=fisher", "derivatives.n_samples=8",
+        "bcd.time_budget=null", "bcd.max_steps=3",
+    ])
+    outcome = runner.run_prune(cfg, out_dir=tmp_path / "out", progress=False)
+    assert outcome.metric == "perplexity"
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+    assert list((tmp_path / "out" / "model").glob("*.safetensors"))
+    again = runner.run_evaluate(cfg, model_dir=tmp_path / "out")
+    assert again.final["perplexity"] == pytest.approx(outcome.final["perplexity"], rel=1e-5)
+    assert again.density == pytest.approx(0.5, abs=1e-6)
