@@ -169,14 +169,17 @@ class _StopForward(Exception):
 
 
 def _block_list(model: nn.Module, layers: Mapping[str, nn.Module]) -> tuple[str, nn.ModuleList] | None:
-    """The outermost ``nn.ModuleList`` whose children hold every layer, or ``None``."""
+    """The ``nn.ModuleList`` whose children hold the most layers (the outermost on ties), or ``None``."""
+    best: tuple[str, nn.ModuleList] | None = None
+    best_count = 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        prefixes = [f"{name}.{i}." if name else f"{i}." for i in range(len(module))]
-        if all(any(layer.startswith(p) for p in prefixes) for layer in layers):
-            return name, module
-    return None
+        prefixes = tuple(f"{name}.{i}." if name else f"{i}." for i in range(len(module)))
+        count = sum(1 for layer in layers if layer.startswith(prefixes))
+        if count > best_count:
+            best, best_count = (name, module), count
+    return best
 
 
 def _call_groups(run: Callable[[], Any], layers: Mapping[str, nn.Module]) -> list[list[str]]:
@@ -356,7 +359,21 @@ def run_sparsegpt(
         if found is None:
             _run_model_groups(model, layers, calibration, loss_fn, pattern, block_size, damping_frac, masks, originals)
         else:
-            _run_blocks(model, found, layers, calibration, loss_fn, pattern, block_size, damping_frac, masks, originals)
+            # Layers outside the blocks (an included head, an input projection) run whole-model groups,
+            # before or after the blocks according to their place in the model's module order.
+            list_name, blocks = found
+            prefixes = tuple(f"{list_name}.{i}." if list_name else f"{i}." for i in range(len(blocks)))
+            names = list(layers)
+            inside = [i for i, name in enumerate(names) if name.startswith(prefixes)]
+            before = {n: layers[n] for n in names[: inside[0]] if not n.startswith(prefixes)}
+            after = {n: layers[n] for n in names[inside[0] :] if not n.startswith(prefixes)}
+            block_layers = {names[i]: layers[names[i]] for i in inside}
+            args = (calibration, loss_fn, pattern, block_size, damping_frac, masks, originals)
+            if before:
+                _run_model_groups(model, before, *args)
+            _run_blocks(model, found, block_layers, *args)
+            if after:
+                _run_model_groups(model, after, *args)
     except BaseException:
         with torch.no_grad():
             for name, weight in originals.items():

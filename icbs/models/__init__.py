@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from icbs.config import ModelConfig
 from icbs.models.base import LoadedModel, ModelAdapter, resolve_device, resolve_dtype
@@ -75,7 +76,8 @@ def _load_builtin(cfg: ModelConfig) -> LoadedModel:
     return LoadedModel(model.to(device=device, dtype=dtype).eval(), CausalLMAdapter(), tokenizer, name)
 
 
-def _auto(name: str):  # noqa: ANN202 - a transformers Auto class
+def _auto(name: str) -> Any:
+    """A transformers ``Auto*`` class by name (imported lazily: transformers is slow to import)."""
     import transformers
 
     return getattr(transformers, name)

@@ -212,3 +212,14 @@ def test_bad_input_raises_and_leaves_model_untouched():
         run_baseline("sparsegpt", model, layers, [], loss_fn, density=0.5)
     for name, module in layers.items():
         assert torch.equal(module.weight, before[name])
+
+
+def test_sparsegpt_with_an_included_head_prunes_blocks_then_head():
+    adapter = CausalLMAdapter()
+    model, _ = build_tiny_llama(seed=5)
+    layers = adapter.prunable_layers(model, include=(r"layers\.1\.mlp", "lm_head"))
+    batches = [{"input_ids": torch.randint(0, 259, (3, 16)), "attention_mask": torch.ones(3, 16, dtype=torch.long)}]
+    masks = run_baseline("sparsegpt", model, layers, batches, adapter.per_sample_loss, density=0.25)
+    assert list(masks) == list(layers) and "lm_head" in masks
+    for name, module in layers.items():
+        assert int(torch.count_nonzero(module.weight)) == round_half_up(0.25 * module.weight.numel()), name
