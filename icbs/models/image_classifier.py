@@ -7,6 +7,8 @@ Batches are ``{"x": pixel_values (B, C, H, W), "y": (B,) long}``; the model is c
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,22 @@ class ImageClassifierAdapter(ClassifierAdapter):
             height, width = (size, size) if isinstance(size, int) else tuple(size)
             shape = (config.num_channels, height, width)
         super().__init__(loss, input_shape=shape)
+
+    def prunable_layers(
+        self, model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+    ) -> dict[str, nn.Module]:
+        """Every ``nn.Linear`` except the heads, filtered by the patterns.
+
+        Besides the project-wide head names, any layer whose last name part ends in ``classifier``
+        (DeiT-distilled's ``cls_classifier`` and ``distillation_classifier``) counts as a head here.
+        """
+        layers = super().prunable_layers(model, include, exclude)
+        named = [re.compile(p) for p in include]
+        return {
+            name: module
+            for name, module in layers.items()
+            if not name.rsplit(".", 1)[-1].endswith("classifier") or any(p.search(name) for p in named)
+        }
 
     def _forward(self, model: nn.Module, x: Tensor) -> Any:
         return model(pixel_values=x)

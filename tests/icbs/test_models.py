@@ -302,3 +302,13 @@ def test_causal_lm_gguf_round_trip_and_resave(tmp_path):
     again = load_model(ModelConfig(kind="causal_lm", path=str(tmp_path / "saved")))
     with torch.no_grad():
         torch.testing.assert_close(again.model(input_ids=ids).logits, loaded.model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_image_classifier_distilled_heads_are_not_pruned_by_default():
+    from transformers import DeiTForImageClassificationWithTeacher
+
+    model = DeiTForImageClassificationWithTeacher(tiny_deit_config())
+    adapter = ImageClassifierAdapter(model)
+    layers = adapter.prunable_layers(model)
+    assert len(layers) == 2 * 6 and not any("classifier" in name for name in layers)
+    assert list(adapter.prunable_layers(model, include=("classifier",))) == ["cls_classifier", "distillation_classifier"]
