@@ -13,8 +13,9 @@ Rows:
 * ``fisher, round of 7 layers``: one block in each of 7 layers of different types and depths, one pass.
 * ``layerwise, 1 layer``: forward with input hooks only (and with cached ``X X^T / N``, no forward).
 
-Each is the median of ``--repeats`` runs after one warm-up. ``ratio`` = whole step without the solve
-(estimate + QUBO build) / plain forward + backward; the target is <= 2.
+Rows run round-robin (one of each per round, ``--repeats`` rounds after a warm-up round) so that a
+change of machine load hits all of them alike; each cell is a median over rounds. ``ratio`` = whole step
+without the solve (estimate + QUBO build) / plain forward + backward of the same round; the target is <= 2.
 
 Usage::
 
@@ -141,13 +142,21 @@ def _step(model, loss_fn, batch, modules, masks, names, estimator, solver, layer
     }
 
 
-def _median(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+def _interleaved(configs: dict[str, Any], repeats: int) -> dict[str, dict[str, float]]:
+    """Run every config once per round (round-robin, so load changes hit all alike); drop the warm-up round.
 
-
-def _repeat(fn: Any, repeats: int) -> dict[str, float]:
-    fn()  # warm-up
-    return _median([fn() for _ in range(repeats)])
+    Each row gets the median of every timing and ``ratio``: the median over rounds of its step without
+    the solve divided by the plain forward+backward of the same round.
+    """
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
+    for round_index in range(repeats + 1):
+        results = {name: fn() for name, fn in configs.items()}
+        if round_index == 0:
+            continue
+        for name, result in results.items():
+            result["ratio"] = result.get("step_no_solve", result["total"]) / results["plain"]["total"]
+            runs[name].append(result)
+    return {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
 
 
 def _table(rows: list[tuple[str, dict[str, float]]], plain: dict[str, float]) -> str:
@@ -161,7 +170,7 @@ def _table(rows: list[tuple[str, dict[str, float]]], plain: dict[str, float]) ->
         lines.append(
             f"| {label} | {ms(row['forward'])} | {ms(row['backward'])} | {ms(row['gather'])} | {ms(row['hessian'])} "
             f"| {ms(row['qubo'])} | {ms(row['solve'])} | {ms(row['step_no_solve'])} "
-            f"| {row['step_no_solve'] / plain['total']:.2f} |"
+            f"| {row['ratio']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -193,16 +202,20 @@ def main() -> None:
     masks = _mask_layers(model, (ONE_LAYER,) + ROUND_LAYERS)
     solver = solvers.get_solver("anneal")
 
-    plain = _repeat(lambda: _plain(model, loss_fn, batch), args.repeats)
-    one = _repeat(lambda: _step(model, loss_fn, batch, modules, masks, (ONE_LAYER,), "fisher", solver), args.repeats)
-    round_ = _repeat(lambda: _step(model, loss_fn, batch, modules, masks, ROUND_LAYERS, "fisher", solver), args.repeats)
-    layerwise = _repeat(lambda: _step(model, loss_fn, batch, modules, masks, (ONE_LAYER,), "layerwise", solver),
-                        args.repeats)
     cached = collect_layer_inputs(model, {ONE_LAYER: modules[ONE_LAYER]}, [batch], loss_fn)
-    layerwise_cached = _repeat(
-        lambda: _step(model, loss_fn, batch, modules, masks, (ONE_LAYER,), "layerwise", solver, layer_inputs=cached),
+    results = _interleaved(
+        {
+            "plain": lambda: _plain(model, loss_fn, batch),
+            "one": lambda: _step(model, loss_fn, batch, modules, masks, (ONE_LAYER,), "fisher", solver),
+            "round": lambda: _step(model, loss_fn, batch, modules, masks, ROUND_LAYERS, "fisher", solver),
+            "layerwise": lambda: _step(model, loss_fn, batch, modules, masks, (ONE_LAYER,), "layerwise", solver),
+            "cached": lambda: _step(model, loss_fn, batch, modules, masks, (ONE_LAYER,), "layerwise", solver,
+                                    layer_inputs=cached),
+        },
         args.repeats,
     )
+    plain, one, round_ = results["plain"], results["one"], results["round"]
+    layerwise, layerwise_cached = results["layerwise"], results["cached"]
     rows = [
         (f"fisher, 1 block in `{ONE_LAYER}`", one),
         ("fisher, round: 1 block in each of 7 layers (one pass)", round_),
@@ -217,8 +230,10 @@ def main() -> None:
         f"{load_s:.0f} s), block of {BLOCK_SIZE} weights ({BLOCK_SIZE // 2} pruned + {BLOCK_SIZE // 2} kept) in a layer "
         "masked to 50% by magnitude, 8 × 128-token windows of `pydoc_data.topics`, CPU "
         f"({platform.processor() or platform.machine()}), `torch.set_num_threads({args.threads})`, torch {torch.__version__}. "
-        f"Median of {args.repeats} runs after a warm-up; 1-minute load average at the end {os.getloadavg()[0]:.1f} "
-        "(other jobs on the machine inflate every row alike; the ratios are the stable part). "
+        f"Median of {args.repeats} rounds after a warm-up round; each round runs every row once (round-robin), and "
+        "the ratio is the median over rounds of the row's step without the solve / the plain forward+backward of the "
+        f"same round. 1-minute load average at the end: {os.getloadavg()[0]:.1f} (other jobs shared the 2 cores, "
+        "which inflates absolute times; the ratios are the stable part). "
         "Produced by `python benchmarks/step_cost.py --write docs/BENCHMARKS.md`.",
         "",
         table,
@@ -227,7 +242,7 @@ def main() -> None:
         "blocked layers' output gradients (no parameter gradient) and stops at the earliest blocked layer. "
         "*per-sample gather*: Σ_t ∂ℓ_s/∂y[s,t,r]·x[s,t,c] for the block entries only; *H build*: "
         "(1/N) Σ_s g_s g_sᵀ, g and the float64 copy. For `layerwise` the forward column includes accumulating X Xᵀ.",
-        "- *ratio*: (estimate + QUBO build) / plain forward+backward of the same batch; target ≤ 2.",
+        "- *ratio*: (estimate + QUBO build) / plain forward+backward of the same batch, median over rounds; target ≤ 2.",
         f"- Predicted ΔL of the solver's move (mean over the blocks): fisher 1 layer {one['predicted_gain']:.3g}, "
         f"round {round_['predicted_gain']:.3g}, layerwise {layerwise['predicted_gain']:.3g} (reconstruction units).",
         "",
