@@ -283,8 +283,13 @@ class _Driver:
             for name in self.layers
         }
 
-    def _sparsegpt_masks(self) -> dict[str, Tensor]:
-        """Init hook: masks from ``icbs.baselines.run_baseline('sparsegpt', ...)``; its weight updates are dropped."""
+    def _sparsegpt_init(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Init from ``icbs.baselines.run_baseline('sparsegpt', ...)``: its masks and its updated weights.
+
+        SparseGPT's worth is in both: the mask and the OBS updates of the kept weights. The updated
+        values become each layer's value-if-kept (``LayerState.values``); weights SparseGPT pruned keep
+        their original value as the value they return with if a move keeps them again.
+        """
         try:
             from icbs.baselines import run_baseline
         except ImportError as err:
@@ -295,20 +300,28 @@ class _Driver:
             "sparsegpt", self.model, self.layers, self.calibration, self.loss_fn,
             density=self.state.pattern.density, pattern=self.cfg.pruning.pattern, seed=self.seed,
         )
+        masks = {name: masks[name].bool() for name in self.layers}
+        values = {}
+        for name, module in self.layers.items():
+            keep = masks[name].to(module.weight.device)
+            values[name] = torch.where(keep, module.weight.detach(), self.state[name].w0)
         self.state.restore()
-        return {name: masks[name].bool() for name in self.layers}
+        return masks, values
 
     def initialise(self) -> None:
         """Init scoring, masks, fixed extremes (paper Fig. 2, steps 1-2); writes the pruned weights."""
         mark = time.perf_counter()
         scoring = self.cfg.scoring
+        values: dict[str, Tensor] = {}
         if scoring.init_method == "sparsegpt":
-            masks = self._sparsegpt_masks()
+            masks, values = self._sparsegpt_init()
             scores = self._init_scores("magnitude")
         else:
             scores = self._init_scores(scoring.init_method)
             masks = init_masks(scores, self.state.pattern, scoring.init_scope)
         self.state.set_masks(masks)
+        for name, layer_values in values.items():
+            self.state.set_values(name, layer_values)
         self.state.fix_extremes(scores, scoring.fix_frac_prune, scoring.fix_frac_keep)
         self.state.apply()
         self.state.check_invariants()
@@ -552,7 +565,9 @@ class _Driver:
         device_index = flat_index.to(layer.keep_mask.device)
         constraints = self.state.block_groups(name, flat_index)
         keep_block = layer.keep_mask.view(-1)[device_index]
-        w0_block = layer.w0.view(-1)[device_index]
+        # The block problem's w0 is each weight's value-if-kept: the original weight, or the value an
+        # init such as SparseGPT gave it (DESIGN.md §3 with w0 := the kept value).
+        w0_block = (layer.w0 if layer.values is None else layer.values).view(-1)[device_index]
         w_block = layer.module.weight.detach().view(-1)[device_index]
         qp, x_cur = build_block_problem(
             estimate, w0_block, w_block, keep_block, constraints,
@@ -612,7 +627,7 @@ class _Driver:
     # ------------------------------------------------------------------ finish
     def finish(self) -> None:
         bcd = self.cfg.bcd
-        if bcd.reconstruct and all(self.state[name].values is None for name in self.layers):
+        if bcd.reconstruct:
             mark = time.perf_counter()
             assert self._layer_inputs is not None
             for name in self.layers:

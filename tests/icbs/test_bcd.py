@@ -218,7 +218,7 @@ def test_bcd_reconstruct_lowers_layerwise_error(mlp_problem, make_config):
     assert result.report["final_loss"] < result.report["init_loss"]
 
 
-def test_bcd_sparsegpt_init_takes_baseline_masks_but_original_values(mlp_problem, make_config):
+def test_bcd_sparsegpt_init_takes_baseline_masks_and_updated_values(mlp_problem, make_config):
     from icbs.baselines import run_baseline
 
     reference, calib, loss_fn = mlp_problem()
@@ -231,4 +231,20 @@ def test_bcd_sparsegpt_init_takes_baseline_masks_but_original_values(mlp_problem
     assert result.report["steps"] == 0
     for name in layers:
         assert torch.equal(result.masks[name], expected[name].cpu())
-        assert torch.equal(getattr(model, name).weight.detach(), dense[name] * result.masks[name])
+        # The init is SparseGPT's whole result: its mask and its OBS-updated kept weights.
+        assert torch.allclose(getattr(model, name).weight.detach(), getattr(reference, name).weight.detach(), atol=1e-6)
+        assert not torch.equal(getattr(model, name).weight.detach(), dense[name] * result.masks[name])
+
+
+def test_bcd_steps_after_sparsegpt_init_keep_its_values(mlp_problem, make_config):
+    """Moves on top of SparseGPT swap kept/pruned with the updated values; never lose them."""
+    model, calib, loss_fn = mlp_problem()
+    cfg = make_config(scoring={"init_method": "sparsegpt"}, bcd={"max_steps": 12})
+    result = icbs.prune(model, cfg, calib, loss_fn)
+    assert result.report["steps"] >= 2
+    assert result.report["final_loss"] <= result.report["init_loss"] + 1e-9
+    for name in ("fc1", "fc2"):
+        weight = getattr(model, name).weight.detach()
+        kept = result.masks[name]
+        assert int(kept.sum()) == round(0.5 * kept.numel())
+        assert torch.all(weight[~kept] == 0)
