@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -120,10 +121,11 @@ class ProgressReporter:
             self._last_log = now
             accepted = [e for e in self._window if e.get("accepted")]
             gain = sum(float(e.get("predicted_delta") or 0.0) for e in accepted)
+            batch_loss = float(event.get("batch_loss") or float("nan"))
             logger.info(
-                "step %s, %.0f s: %d/%d moves accepted since last line (predicted dL %.4g), batch loss %.5g",
+                "step %s, %.0f s: %d/%d moves accepted since last line (predicted dL %.4g)%s",
                 event.get("step"), float(event.get("elapsed_s") or 0.0), len(accepted), len(self._window), gain,
-                float(event.get("batch_loss") or float("nan")),
+                f", batch loss {batch_loss:.5g}" if math.isfinite(batch_loss) else "",
             )
             self._window = []
 
