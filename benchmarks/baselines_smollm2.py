@@ -28,8 +28,9 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--pattern", default="unstructured")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (SparseGPT blocks)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     calib_cfg = CalibrationConfig(source="pydoc", n_samples=32, seq_len=128, batch_size=8, seed=0)
     eval_cfg = EvalConfig(n_samples=64, seq_len=256, batch_size=8)
     rows = []
