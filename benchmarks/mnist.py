@@ -43,6 +43,7 @@ import icbs  # noqa: E402
 from icbs.baselines import run_baseline  # noqa: E402
 from icbs.config import CalibrationConfig, EvalConfig, ModelConfig, config_from_dict  # noqa: E402
 from icbs.data import build_data  # noqa: E402
+from icbs.derivatives import collect_layer_inputs  # noqa: E402
 from icbs.models import load_model  # noqa: E402
 from icbs.scoring import collect_gradients, init_masks, score  # noqa: E402
 from icbs.state import MaskPattern  # noqa: E402
@@ -50,7 +51,7 @@ from icbs.state import MaskPattern  # noqa: E402
 INITS = ("magnitude", "wanda", "gradient")
 #: Ranking scope of each one-shot init (magnitude/Wanda: the baselines' defaults).
 SCOPES = {"magnitude": "per_layer", "wanda": "per_output", "gradient": "per_output"}
-COLUMNS = ("dense", "magnitude", "wanda", "gradient", "icbs_init", "icbs")
+COLUMNS = ("dense", "magnitude", "wanda", "gradient", "icbs_init", "init_recon", "icbs")
 
 #: icbs settings (examples/mnist_mlp.yaml without its export/eval plumbing); ``--set`` overrides them.
 ICBS_SETTINGS: dict[str, Any] = {
@@ -80,7 +81,7 @@ def _calibration_loss(loaded: Any, batches: Sequence[dict[str, Tensor]]) -> floa
 
 
 def _gradient_init(loaded: Any, layers: Mapping[str, nn.Module], calibration: Sequence[dict[str, Tensor]],
-                   density: float) -> None:
+                   density: float) -> dict[str, Tensor]:
     """Prune ``layers`` in place by ``|w_ij g_ij|`` (mean calibration gradient), as icbs's ``gradient`` init."""
     grads = collect_gradients(loaded.model, layers, calibration, loaded.adapter.per_sample_loss)
     scope = SCOPES["gradient"]
@@ -89,6 +90,17 @@ def _gradient_init(loaded: Any, layers: Mapping[str, nn.Module], calibration: Se
     with torch.no_grad():
         for name, module in layers.items():
             module.weight.mul_(masks[name].to(module.weight.dtype))
+    return masks
+
+
+def _reconstructed(loaded: Any, dense_state: Mapping[str, Tensor], layers: Mapping[str, nn.Module],
+                   masks: Mapping[str, Tensor], covariances: Mapping[str, Tensor], damping: float) -> None:
+    """Write ``masks`` with the kept weights refitted as ``bcd.reconstruct`` does (icbs.reconstruct_weights)."""
+    loaded.model.load_state_dict(dense_state)
+    with torch.no_grad():
+        for name, module in layers.items():
+            module.weight.copy_(icbs.reconstruct_weights(module.weight.detach().clone(), masks[name].bool(),
+                                                         covariances[name], damping))
 
 
 def _icbs_config(density: float, seed: int, budget: float, n_calib: int, init: str,
@@ -112,13 +124,13 @@ def run_one(loaded: Any, dense_state: Mapping[str, Tensor], density: float, seed
     calibration, _ = build_data(calib_cfg, EvalConfig(n_samples=0, batch_size=500), loaded)
     layers = loaded.adapter.prunable_layers(loaded.model)
     row: dict[str, Any] = {"density": density, "seed": seed}
-    losses = {}
+    losses, masks = {}, {}
     for method in INITS:
         loaded.model.load_state_dict(dense_state)
         if method == "gradient":
-            _gradient_init(loaded, layers, calibration, density)
+            masks[method] = _gradient_init(loaded, layers, calibration, density)
         else:
-            run_baseline(method, loaded.model, layers, calibration, loaded.adapter.per_sample_loss,
+            masks[method] = run_baseline(method, loaded.model, layers, calibration, loaded.adapter.per_sample_loss,
                          density=density, seed=seed, scope=SCOPES[method])
         row[method] = _evaluate(loaded, evaluation)
         losses[method] = _calibration_loss(loaded, calibration)
@@ -127,6 +139,13 @@ def run_one(loaded: Any, dense_state: Mapping[str, Tensor], density: float, seed
     row["icbs_init_method"] = init
     loaded.model.load_state_dict(dense_state)
     cfg = _icbs_config(density, seed, budget, n_calib, init, overrides)
+    if cfg.bcd.reconstruct:
+        # The same least-squares refit icbs applies at the end, on the init's mask alone: how much of
+        # icbs's gain is the refit and how much the mask search.
+        covariances = collect_layer_inputs(loaded.model, layers, calibration, loaded.adapter.per_sample_loss)
+        _reconstructed(loaded, dense_state, layers, masks[init], covariances, cfg.bcd.reconstruct_damping)
+        row["init_recon"] = _evaluate(loaded, evaluation)
+        loaded.model.load_state_dict(dense_state)
     start = time.perf_counter()
     result = icbs.prune(loaded.model, cfg, calibration, loaded.adapter.per_sample_loss, layers=layers,
                         evaluate=lambda model: {"accuracy": _evaluate(loaded, evaluation)})
@@ -153,7 +172,8 @@ def summarise(rows: Sequence[Mapping[str, Any]], dense: float) -> list[dict[str,
         sub = [r for r in rows if r["density"] == density]
         entry: dict[str, Any] = {"density": density, "n": len(sub), "dense": (dense, 0.0)}
         for column in COLUMNS[1:]:
-            entry[column] = _stats([r[column] for r in sub])
+            values = [r[column] for r in sub if column in r]
+            entry[column] = _stats(values) if values else None
         best = max(INITS, key=lambda m: entry[m][0])
         margin = entry["icbs"][0] - entry[best][0]
         entry["best_init"] = best
@@ -166,10 +186,11 @@ def summarise(rows: Sequence[Mapping[str, Any]], dense: float) -> list[dict[str,
 
 
 def markdown(table: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["| density | dense | magnitude | wanda | gradient | icbs init | icbs | icbs − best init |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| density | dense | magnitude | wanda | gradient | icbs init | icbs init + refit | icbs "
+             "| icbs − best init |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in table:
-        cells = [f"{e[c][0]:.3f} ± {e[c][1]:.3f}" for c in COLUMNS]
+        cells = ["–" if e[c] is None else f"{e[c][0]:.3f} ± {e[c][1]:.3f}" for c in COLUMNS]
         cells = [f"**{c}**" if col == "icbs" and e["beats_by_1std"] else c for col, c in zip(COLUMNS, cells)]
         lines.append(f"| {e['density']:g} | " + " | ".join(cells)
                      + f" | {e['margin']:+.3f} ({e['best_init']}; init {'/'.join(e['inits_used'])}) |")
@@ -208,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             row = run_one(loaded, dense_state, density, seed, args.budget, args.n_calib, args.overrides, evaluation)
             rows.append(row)
             print(f"density {density:g} seed {seed}: magnitude {row['magnitude']:.3f} wanda {row['wanda']:.3f} "
-                  f"gradient {row['gradient']:.3f} | icbs from {row['icbs_init_method']} {row['icbs_init']:.3f} -> "
+                  f"gradient {row['gradient']:.3f} | init+refit {row.get('init_recon', float('nan')):.3f} | icbs from {row['icbs_init_method']} {row['icbs_init']:.3f} -> "
                   f"{row['icbs']:.3f} ({row['icbs_steps']} steps, {row['icbs_accepted']} accepted, "
                   f"calib loss {row['icbs_loss'][0]:.4f} -> {row['icbs_loss'][1]:.4f}, {row['icbs_wall_s']:.0f} s)",
                   flush=True)
