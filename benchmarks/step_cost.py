@@ -154,7 +154,8 @@ def _interleaved(configs: dict[str, Any], repeats: int) -> dict[str, dict[str, f
         if round_index == 0:
             continue
         for name, result in results.items():
-            result["ratio"] = result.get("step_no_solve", result["total"]) / results["plain"]["total"]
+            cost = result["step_no_solve"] if "step_no_solve" in result else result["total"]
+            result["ratio"] = cost / results["plain"]["total"]
             runs[name].append(result)
     return {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
 
