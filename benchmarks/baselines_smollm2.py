@@ -3,7 +3,9 @@
 Calibration: 32 pydoc windows of 128 tokens (seed 0); evaluation: 64 held-out windows of 256 tokens.
 Prints one row per method (perplexity, pruning wall time). Slow (minutes on CPU); not run by CI.
 
-    python benchmarks/baselines_smollm2.py [--methods dense magnitude wanda sparsegpt] [--pattern 2:4]
+    python -P benchmarks/baselines_smollm2.py [--methods dense magnitude wanda sparsegpt] [--pattern 2:4] [-v]
+
+(``-P`` keeps ``benchmarks/`` off ``sys.path``, where ``benchmarks/solvers.py`` would shadow the package.)
 """
 
 from __future__ import annotations
