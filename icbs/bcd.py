@@ -482,42 +482,97 @@ class _Driver:
             for name in names
         }
 
-    def _round(self, names: list[str]) -> None:
-        """One derivative pass serving one block in each of ``names`` (distinct layers)."""
+    def _select_in_pass(self, names: list[str]) -> bool:
+        """Whether block selection can use the gradient of the estimating pass (no extra backward)."""
+        return (
+            self.cfg.scoring.selection_method == "gradient"
+            and self.cfg.derivatives.estimator in ("fisher", "gradient_mean")
+            and all(isinstance(self.layers[name], nn.Linear) for name in names)
+        )
+
+    def _estimate_with_selection(
+        self, names: list[str], batch: dict[str, Tensor], first_step: int, blocks: dict[str, Tensor]
+    ) -> tuple[dict[str, Any], float]:
+        """One forward+backward: each layer's block is chosen from the pass's own mean gradient, then estimated.
+
+        Equivalent to scoring with ``selection_method='gradient'`` on the step's batch and estimating
+        afterwards, without the second pass.
+        """
         from icbs.derivatives import estimate_blocks
-        from icbs.subproblem import build_block_problem
 
         cfg = self.cfg
-        first_step = self.step
         mark = time.perf_counter()
-        batch = self._step_batch(first_step)
+        score_generator = torch.Generator().manual_seed(step_seed(self.seed, first_step, stream=4))
+
+        def chooser(name: str, i: int) -> Callable[[Tensor], Tensor]:
+            def choose(mean_grad: Tensor) -> Tensor:
+                scores = score("gradient", cfg.scoring.selection_scope, self.state[name].w0, grad=mean_grad,
+                               generator=score_generator)
+                generator = torch.Generator().manual_seed(step_seed(self.seed, first_step + i, stream=5))
+                index = select_block(self.state, name, scores, cfg.blocks.block_size, cfg.blocks.k, generator)
+                blocks[name] = index
+                return index if index.numel() >= 2 else index[:0]
+
+            return choose
+
+        for name in names:
+            blocks[name] = torch.empty(0, dtype=torch.long)
+        estimates = estimate_blocks(
+            cfg.derivatives.estimator, self.model,
+            {name: (self.layers[name], chooser(name, i)) for i, name in enumerate(names)}, batch, self.loss_fn,
+        )
+        return estimates, time.perf_counter() - mark
+
+    def _select_then_estimate(
+        self, names: list[str], batch: dict[str, Tensor], first_step: int, blocks: dict[str, Tensor]
+    ) -> tuple[dict[str, Any], float]:
+        """Score and select every layer's block, then one estimating pass for all of them."""
+        from icbs.derivatives import estimate_blocks
+
+        cfg = self.cfg
+        mark = time.perf_counter()
         scores = self._selection_scores(names, batch, first_step)
-        blocks: dict[str, Tensor] = {}
         for i, name in enumerate(names):
             generator = torch.Generator().manual_seed(step_seed(self.seed, first_step + i, stream=5))
             blocks[name] = select_block(self.state, name, scores[name], cfg.blocks.block_size, cfg.blocks.k, generator)
         self.timings["select_s"] += time.perf_counter() - mark
         active = [name for name in names if blocks[name].numel() >= 2]
         mark = time.perf_counter()
-        estimates = {}
-        if active:
-            reference = None
-            if cfg.derivatives.estimator == "layerwise":
-                reference = {name: self.state[name].w0 for name in active}
-            estimates = estimate_blocks(
-                cfg.derivatives.estimator,
-                self.model,
-                {name: (self.layers[name], blocks[name].to(self.device)) for name in active},
-                batch,
-                self.loss_fn,
-                layer_inputs=self._layer_inputs,
-                reference_weights=reference,
-            )
-        estimate_s = time.perf_counter() - mark
+        if not active:
+            return {}, 0.0
+        reference = None
+        if cfg.derivatives.estimator == "layerwise":
+            reference = {name: self.state[name].w0 for name in active}
+        estimates = estimate_blocks(
+            cfg.derivatives.estimator,
+            self.model,
+            {name: (self.layers[name], blocks[name].to(self.device)) for name in active},
+            batch,
+            self.loss_fn,
+            layer_inputs=self._layer_inputs,
+            reference_weights=reference,
+        )
+        return estimates, time.perf_counter() - mark
+
+    def _round(self, names: list[str]) -> None:
+        """One derivative pass serving one block in each of ``names`` (distinct layers)."""
+        from icbs.subproblem import build_block_problem
+
+        first_step = self.step
+        batch = self._step_batch(first_step)
+        blocks: dict[str, Tensor] = {}
+        if self._select_in_pass(names):
+            estimates, estimate_s = self._estimate_with_selection(names, batch, first_step, blocks)
+        else:
+            estimates, estimate_s = self._select_then_estimate(names, batch, first_step, blocks)
         self.timings["estimate_s"] += estimate_s
+        active = list(estimates)
         before = float("nan")
         if len(names) > 1 and estimates:
-            before = _calibration_loss(self.model, [batch], self.loss_fn, self.device)
+            # The estimating pass already measured the batch loss at the current weights; reuse it.
+            before = next(iter(estimates.values())).loss
+            if not math.isfinite(before):
+                before = _calibration_loss(self.model, [batch], self.loss_fn, self.device)
         moves: list[tuple[str, Tensor, Tensor]] = []
         records: list[dict[str, Any]] = []
         for i, name in enumerate(names):

@@ -102,6 +102,8 @@ class _Block:
     idx: Tensor  # (n,) long, on the weight's device
     rows: Tensor  # (n,) long, only meaningful for 2-d weights
     cols: Tensor
+    # Called with the layer's (n_out, n_in) mean gradient from the pass; returns the flat indices.
+    choose: Callable[[Tensor], Tensor] | None = None
 
 
 class _LossModule(nn.Module):
@@ -147,30 +149,46 @@ def _check_blocks(model: nn.Module, blocks: Mapping[str, tuple[nn.Module, Tensor
             raise TypeError(f"'blocks[{name!r}]' should hold a module with a 'weight' tensor; got {type(module).__name__}")
         if id(module) not in qualified:
             raise ValueError(f"'blocks[{name!r}]': the module is not part of the model")
+        if callable(idx):
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"'blocks[{name!r}]': choosing the block from the pass needs an nn.Linear layer")
+            result.append(_Block(name=str(name), module=module, param_key="", idx=torch.empty(0, dtype=torch.long),
+                                 rows=torch.empty(0), cols=torch.empty(0), choose=idx))
+            continue
         idx = torch.as_tensor(idx)
         if idx.dim() != 1 or idx.dtype in (torch.bool,) or idx.dtype.is_floating_point:
             raise ValueError(f"'blocks[{name!r}]' indices should be a 1-d integer tensor; got {tuple(idx.shape)} {idx.dtype}")
-        idx = idx.to(device=weight.device, dtype=torch.long)
-        numel = weight.numel()
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-            raise ValueError(
-                f"'blocks[{name!r}]' indices should be flat indices in [0, {numel - 1}]; "
-                f"got values in [{int(idx.min())}, {int(idx.max())}]"
-            )
-        if torch.unique(idx).numel() != idx.numel():
-            raise ValueError(f"'blocks[{name!r}]' indices should not repeat a weight")
-        n_in = weight.shape[-1] if weight.dim() >= 2 else 1
-        result.append(
-            _Block(
-                name=str(name),
-                module=module,
-                param_key=f"model.{qualified[id(module)]}.weight" if qualified[id(module)] else "model.weight",
-                idx=idx,
-                rows=torch.div(idx, n_in, rounding_mode="floor"),
-                cols=idx % n_in,
-            )
+        block = _Block(
+            name=str(name),
+            module=module,
+            param_key=f"model.{qualified[id(module)]}.weight" if qualified[id(module)] else "model.weight",
+            idx=idx,
+            rows=idx,
+            cols=idx,
         )
+        _set_index(block, idx)
+        result.append(block)
     return result
+
+
+def _set_index(block: _Block, idx: Tensor) -> None:
+    """Check ``idx`` (1-d long, distinct, in range) and set the block's indices, rows and columns."""
+    weight = block.module.weight
+    idx = torch.as_tensor(idx).to(device=weight.device, dtype=torch.long)
+    numel = weight.numel()
+    if idx.dim() != 1:
+        raise ValueError(f"'blocks[{block.name!r}]' indices should be a 1-d integer tensor; got {tuple(idx.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+        raise ValueError(
+            f"'blocks[{block.name!r}]' indices should be flat indices in [0, {numel - 1}]; "
+            f"got values in [{int(idx.min())}, {int(idx.max())}]"
+        )
+    if torch.unique(idx).numel() != idx.numel():
+        raise ValueError(f"'blocks[{block.name!r}]' indices should not repeat a weight")
+    n_in = weight.shape[-1] if weight.dim() >= 2 else 1
+    block.idx = idx
+    block.rows = torch.div(idx, n_in, rounding_mode="floor")
+    block.cols = idx % n_in
 
 
 def _to_numpy(name: str, estimator: str, g: Tensor, H: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +227,10 @@ def estimate_blocks(
         estimator: ``"fisher"``, ``"exact"``, ``"gradient_mean"`` or ``"layerwise"`` (see the module docstring).
         model: the model with its current (masked) weights; left unchanged (no ``.grad`` is written).
         blocks: layer name -> ``(module, flat_idx)``; ``flat_idx`` is a 1-d long tensor of ``n`` distinct
-            row-major indices into ``module.weight`` (``row * n_in + col`` for a linear layer).
+            row-major indices into ``module.weight`` (``row * n_in + col`` for a linear layer). For an
+            ``nn.Linear`` layer with ``fisher``/``gradient_mean``, ``flat_idx`` may instead be a callable
+            ``choose(mean_grad) -> flat_idx``: it is called after the backward with the layer's (n_out, n_in)
+            mean gradient from the same pass, so block selection by gradient costs no second pass.
         batch: the calibration batch (``dict[str, Tensor]``, leading dimension B); moved to the
             model's device.
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample losses; the objective is their mean.
@@ -218,7 +239,8 @@ def estimate_blocks(
         reference_weights: ``layerwise`` only: layer name -> dense (original) weight ``W0`` (n_out, n_in).
 
     Returns:
-        Layer name -> :class:`BlockEstimate`, in the order of ``blocks``.
+        Layer name -> :class:`BlockEstimate`, in the order of ``blocks``; a layer whose ``choose`` picked
+        no weight is left out. ``info["index"]`` holds the block's flat indices (CPU, long).
 
     Raises:
         ValueError: unknown estimator, malformed blocks or batch, ``loss_fn`` not returning (B,), or
@@ -230,6 +252,8 @@ def estimate_blocks(
     if not isinstance(model, nn.Module):
         raise TypeError(f"'model' should be an nn.Module; got {type(model).__name__}")
     checked = _check_blocks(model, blocks)
+    if estimator in ("layerwise", "exact") and any(block.choose is not None for block in checked):
+        raise ValueError(f"choosing blocks from the pass needs derivatives.estimator 'fisher' or 'gradient_mean'; got {estimator!r}")
     device = _model_device(model)
     batch = batch_to(batch, device)
     n_samples = batch_size(batch)
@@ -378,6 +402,22 @@ def _per_sample(
                 grad_out = grads[position]
                 position += 1
                 calls.append((inputs, torch.zeros_like(out) if grad_out is None else grad_out))
+            if block.choose is not None:
+                # The same pass serves block selection: the layer's mean gradient is sum_t gout^T x / B.
+                acc = _accumulation_dtype(block.module.weight.dtype)
+                mean_grad = sum(
+                    gout.reshape(-1, gout.shape[-1]).to(acc).T @ x.reshape(-1, x.shape[-1]).to(acc)
+                    for x, gout in calls
+                ) / n_samples
+                if not bool(torch.isfinite(mean_grad).all()):
+                    raise NonFiniteDerivativeError(
+                        f"the gradient of layer {block.name!r} holds NaN/Inf; check loss_fn and the calibration data"
+                    )
+                _set_index(block, block.choose(mean_grad))
+                if block.idx.numel() == 0:
+                    result.methods[block.name] = "empty"
+                    result.gather[block.name] = time.perf_counter() - t0
+                    continue
             result.grads[block.name] = _gather_linear(calls, block, n_samples)
             _sync(device)
             result.gather[block.name] = time.perf_counter() - t0
@@ -440,6 +480,7 @@ def _estimate_first_order(
     loss = float(per_sample.losses.double().mean())
     hessian_time: dict[str, float] = {}
     results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    blocks = [block for block in blocks if block.name in per_sample.grads]
     for block in blocks:
         t0 = time.perf_counter()
         G = per_sample.grads[block.name]  # (B, n)
@@ -463,7 +504,7 @@ def _estimate_first_order(
             },
             estimator=estimator,
             n_samples=n_samples,
-            info={"method": per_sample.methods[block.name]},
+            info={"method": per_sample.methods[block.name], "index": block.idx.detach().cpu()},
         )
         for block in blocks
     }

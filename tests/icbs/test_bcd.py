@@ -248,3 +248,31 @@ def test_bcd_steps_after_sparsegpt_init_keep_its_values(mlp_problem, make_config
         kept = result.masks[name]
         assert int(kept.sum()) == round(0.5 * kept.numel())
         assert torch.all(weight[~kept] == 0)
+
+
+def test_bcd_gradient_selection_in_the_estimating_pass_matches_a_separate_pass(mlp_problem, make_config, monkeypatch):
+    """Selecting blocks from the fisher pass's own gradient changes the cost, not the run."""
+    cfg = make_config(
+        scoring={"selection_method": "gradient"}, derivatives={"estimator": "fisher", "n_samples": 16},
+        bcd={"max_steps": 16, "blocks_per_round": 2},
+    )
+    model_a, calib, loss_fn = mlp_problem()
+    passes = {"estimate": 0, "gradients": 0}
+    original_collect = bcd.collect_gradients
+
+    def counting_collect(*args, **kwargs):
+        passes["gradients"] += 1
+        return original_collect(*args, **kwargs)
+
+    monkeypatch.setattr(bcd, "collect_gradients", counting_collect)
+    one_pass = icbs.prune(model_a, cfg, calib, loss_fn)
+    assert passes["gradients"] == 0, "in-pass selection must not run a separate gradient pass"
+    monkeypatch.setattr(bcd._Driver, "_select_in_pass", lambda self, names: False)
+    model_b, calib, loss_fn = mlp_problem()
+    two_pass = icbs.prune(model_b, cfg, calib, loss_fn)
+    assert passes["gradients"] > 0
+    for name, mask in one_pass.masks.items():
+        assert torch.equal(mask, two_pass.masks[name])
+    deltas_a = [r["predicted_delta"] for r in one_pass.history]
+    deltas_b = [r["predicted_delta"] for r in two_pass.history]
+    assert deltas_a == pytest.approx(deltas_b, rel=1e-9, abs=1e-12)

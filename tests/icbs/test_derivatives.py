@@ -140,6 +140,32 @@ def test_fisher_estimate_is_mean_gradient_and_empirical_fisher():
     assert {"forward", "backward", "gather", "hessian", "total"} <= set(est.timings)
 
 
+def test_fisher_chooses_block_from_the_mean_gradient_of_the_same_pass():
+    model = _mlp()
+    batch = _classifier_batch(n=6)
+    weight = model[2].weight
+    seen = {}
+    idx = _random_block(weight, 12, 4)
+
+    def choose(mean_grad):
+        seen["grad"] = mean_grad.detach().clone()
+        return idx
+
+    est = estimate_blocks("fisher", model, {"out": (model[2], choose)}, batch, _classifier_loss)["out"]
+    want = estimate_blocks("fisher", model, {"out": (model[2], idx)}, batch, _classifier_loss)["out"]
+    weight.requires_grad_(True)
+    (full,) = torch.autograd.grad(_classifier_loss(model, batch).mean(), weight)
+    weight.requires_grad_(False)
+    torch.testing.assert_close(seen["grad"], full.detach(), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(est.g, want.g, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(est.H, want.H, rtol=1e-12, atol=1e-15)
+    assert torch.equal(est.info["index"], idx.cpu())
+    # A choice of no weight leaves the layer out; choosers need a first-order estimator.
+    assert estimate_blocks("fisher", model, {"out": (model[2], lambda g: idx[:0])}, batch, _classifier_loss) == {}
+    with pytest.raises(ValueError, match="fisher"):
+        estimate_blocks("exact", model, {"out": (model[2], choose)}, batch, _classifier_loss)
+
+
 def test_fisher_per_sample_gradients_match_loop_on_tiny_llama():
     model = _tiny_llama()
     batch = _lm_batch()
