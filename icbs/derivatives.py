@@ -82,7 +82,8 @@ class BlockEstimate:
         estimator: the estimator's name.
         n_samples: number of samples in the batch.
         info: how the estimate was made (``method``: ``hooks``, ``vmap``, ``loop``, ``hvp``,
-            ``double_backward``, ``covariance``), including any fallback taken.
+            ``double_backward``, ``covariance``), including any fallback taken; ``index``: the block's flat
+            indices (CPU, long).
     """
 
     g: np.ndarray
@@ -587,7 +588,7 @@ def _estimate_exact(
             timings={"forward": 0.0, "backward": elapsed, "gather": 0.0, "hessian": 0.0, "total": elapsed},
             estimator="exact",
             n_samples=n_samples,
-            info={"method": method},
+            info={"method": method, "index": block.idx.detach().cpu()},
         )
     return estimates
 
@@ -751,7 +752,7 @@ def _estimate_layerwise(
                      "hessian": time.perf_counter() - t0, "total": 0.0},
             estimator="layerwise",
             n_samples=n_samples,
-            info={"method": "covariance", "cached_inputs": block.name not in missing},
+            info={"method": "covariance", "cached_inputs": block.name not in missing, "index": block.idx.detach().cpu()},
         )
     total = time.perf_counter() - t_start
     for estimate in estimates.values():

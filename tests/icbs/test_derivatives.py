@@ -282,6 +282,7 @@ def test_exact_matches_autograd_hessian_restricted_to_block(monkeypatch, force_f
         np.testing.assert_allclose(est[name].H, H_ref[idx][:, idx].numpy(), rtol=1e-8, atol=1e-12)
         assert np.abs(H_ref[idx][:, idx].numpy() - np.diag(np.diag(H_ref[idx][:, idx].numpy()))).max() > 1e-4
         assert est[name].info["method"] == ("double_backward" if force_fallback else "hvp")
+        assert torch.equal(est[name].info["index"], idx)
     assert est["0"].loss == pytest.approx(float(_classifier_loss(model, batch).mean().detach()))
 
 
@@ -331,6 +332,7 @@ def test_layerwise_matches_autograd_hessian_of_reconstruction_objective():
     )["2"]
     np.testing.assert_allclose(again.H, H_ref, rtol=1e-10, atol=1e-12)
     assert again.info["cached_inputs"] and math.isnan(again.loss)
+    assert torch.equal(again.info["index"], idx)
 
 
 def test_layerwise_skips_padding_tokens():
