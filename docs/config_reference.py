@@ -62,7 +62,7 @@ DESCRIPTIONS: dict[str, str] = {
     "derivatives.n_samples": "calibration samples per gradient/Hessian estimate",
     "derivatives.grad_multiplier": "α, the weight of the gradient term",
     "derivatives.ridge": "λ, the ridge term `λ‖Δ‖²`",
-    "derivatives.damping_frac": "Hessian damping as a fraction of its mean diagonal",
+    "derivatives.damping_frac": "SparseGPT Hessian damping (fraction of the mean diagonal) when scoring.init_method is sparsegpt",
     "solver.name": "registered block solver (see the solver table)",
     "solver.params": "the solver's settings; unknown names are an error",
     "bcd.time_budget": "wall-clock budget: seconds or `90s`, `10m`, `2h`; `null` = none",

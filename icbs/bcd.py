@@ -299,6 +299,7 @@ class _Driver:
         masks = run_baseline(
             "sparsegpt", self.model, self.layers, self.calibration, self.loss_fn,
             density=self.state.pattern.density, pattern=self.cfg.pruning.pattern, seed=self.seed,
+            damping_frac=self.cfg.derivatives.damping_frac,
         )
         masks = {name: masks[name].bool() for name in self.layers}
         values = {}

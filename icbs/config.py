@@ -296,7 +296,8 @@ class DerivativesConfig:
     """Gradient/Hessian estimation for the block's quadratic model (DESIGN.md §4).
 
     ``n_samples`` calibration samples are used per estimate (a step or a round); ``grad_multiplier`` is
-    α and ``ridge`` is λ of the block problem.
+    α and ``ridge`` is λ of the block problem. ``damping_frac`` damps the layer Hessians of SparseGPT
+    (a fraction of their mean diagonal) when ``scoring.init_method`` is ``sparsegpt``.
     """
 
     estimator: str = "fisher"
