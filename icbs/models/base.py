@@ -9,7 +9,6 @@ adapter, its tokenizer (language models) and a display name; :func:`icbs.models.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from icbs.layers import HEAD_NAMES, find_prunable
 
 __all__ = [
     "ModelAdapter",
@@ -32,7 +33,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Last name parts of modules treated as output heads (never pruned unless explicitly included).
-HEAD_NAMES = ("lm_head", "classifier", "head", "score")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -88,30 +88,6 @@ class LoadedModel:
     name: str = ""
 
 
-def _fallback_find_prunable(
-    model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
-) -> dict[str, nn.Module]:
-    """The rule of ``icbs.layers.find_prunable`` (INTERNALS.md), used while that module is absent."""
-    include_re = [re.compile(p) for p in include]
-    exclude_re = [re.compile(p) for p in exclude]
-    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    for key, patterns in (("include", include_re), ("exclude", exclude_re)):
-        for pattern in patterns:
-            if not any(pattern.search(name) for name, _ in linears):
-                raise ValueError(f"'{key}' pattern {pattern.pattern!r} matches no nn.Linear layer of the model")
-    result: dict[str, nn.Module] = {}
-    for name, module in linears:
-        matched = any(p.search(name) for p in include_re)
-        if include_re and not matched:
-            continue
-        if any(p.search(name) for p in exclude_re):
-            continue
-        if name.rsplit(".", 1)[-1] in HEAD_NAMES and not matched:
-            continue
-        result[name] = module
-    return result
-
-
 def find_prunable_layers(
     model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> dict[str, nn.Module]:
@@ -122,10 +98,6 @@ def find_prunable_layers(
     Raises:
         ValueError: a pattern matches no layer.
     """
-    try:
-        from icbs.layers import find_prunable
-    except ImportError:
-        return _fallback_find_prunable(model, include, exclude)
     return find_prunable(model, include=tuple(include), exclude=tuple(exclude))
 
 
