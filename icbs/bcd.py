@@ -8,7 +8,8 @@ mask (``scoring.init_method``); fix the extremes; then step until the time budge
 (:func:`icbs.derivatives.estimate_blocks`), builds the cardinality-constrained QUBO
 (:func:`icbs.subproblem.build_block_problem`), solves it and applies the answer only when its
 predicted loss change is strictly negative. ``bcd.blocks_per_round`` blocks in different layers
-share one derivative pass; a round that raised the batch loss is undone. Every random choice of a
+share one derivative pass; a round whose moves raised the batch loss is undone (checked whenever the
+estimate measured that loss, and always for multi-block rounds). Every random choice of a
 step derives from ``(bcd.seed, step)``, so a resumed run repeats an uninterrupted one. On any error
 the model gets its dense weights back before the error propagates.
 """
@@ -568,12 +569,13 @@ class _Driver:
             estimates, estimate_s = self._select_then_estimate(names, batch, first_step, blocks)
         self.timings["estimate_s"] += estimate_s
         active = list(estimates)
-        before = float("nan")
-        if len(names) > 1 and estimates:
-            # The estimating pass already measured the batch loss at the current weights; reuse it.
-            before = next(iter(estimates.values())).loss
-            if not math.isfinite(before):
-                before = _calibration_loss(self.model, [batch], self.loss_fn, self.device)
+        # The estimating pass measured the batch loss at the current weights. With that for free, every
+        # round (one block or many) is checked against the true batch loss, not only the quadratic model;
+        # multi-block rounds are checked always (their blocks' models ignore each other).
+        before = next(iter(estimates.values())).loss if estimates else float("nan")
+        check = bool(estimates) and (math.isfinite(before) or len(names) > 1)
+        if check and not math.isfinite(before):
+            before = _calibration_loss(self.model, [batch], self.loss_fn, self.device)
         moves: list[tuple[str, Tensor, Tensor]] = []
         records: list[dict[str, Any]] = []
         for i, name in enumerate(names):
@@ -581,7 +583,7 @@ class _Driver:
                                        build_block_problem, moves)
             records.append(record)
             self.step += 1
-        if len(names) > 1 and moves:
+        if check and moves:
             self._check_round(before, batch, moves, records)
         for record in records:
             if record["accepted"]:
@@ -665,7 +667,7 @@ class _Driver:
 
     def _check_round(self, before: float, batch: dict[str, Tensor], moves: list[tuple[str, Tensor, Tensor]],
                      records: list[dict[str, Any]]) -> None:
-        """Undo a multi-block round whose moves together raised the batch loss (DESIGN.md §4)."""
+        """Undo a round whose moves raised the batch loss (DESIGN.md §4): the quadratic model is only local."""
         after = _calibration_loss(self.model, [batch], self.loss_fn, self.device)
         if after <= before:
             return

@@ -23,7 +23,8 @@ CONFIG = {
     "blocks": {"block_size": 8, "k": 4, "tabu_frac": 0.3},
     "derivatives": {"estimator": "fisher", "n_samples": 8},
     "solver": {"name": "exhaustive"},
-    "bcd": {"time_budget": None, "max_steps": 30, "checkpoint_every_s": 0.3, "seed": 11},
+    # Passes longer than the run, so only max_steps ends it (the test is about resuming, not stopping).
+    "bcd": {"time_budget": None, "max_steps": 30, "min_steps_per_layer": 16, "checkpoint_every_s": 0.3, "seed": 11},
     "eval": {"every_s": None},
 }
 
