@@ -22,6 +22,7 @@ from solvers.registry import (
     get_solver_class,
     register,
     solver_from_config,
+    unregister,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "get_solver_class",
     "register",
     "solver_from_config",
+    "unregister",
 ]

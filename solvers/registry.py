@@ -14,7 +14,7 @@ from typing import Any
 
 from solvers.base import Solver
 
-__all__ = ["available_solvers", "get_solver", "get_solver_class", "register", "solver_from_config"]
+__all__ = ["available_solvers", "get_solver", "get_solver_class", "register", "solver_from_config", "unregister"]
 
 _BUILTIN: dict[str, str] = {
     "anneal": "solvers.anneal:AnnealSolver",
@@ -47,6 +47,19 @@ def register(cls: type[Solver]) -> type[Solver]:
         raise ValueError(f"solver name '{cls.name}' is reserved for a built-in solver")
     _REGISTERED[cls.name] = cls
     return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a solver registered with :func:`register` (built-in solvers cannot be removed).
+
+    Raises:
+        ValueError: ``name`` is built in or not registered.
+    """
+    if name in _BUILTIN:
+        raise ValueError(f"solver '{name}' is built in and cannot be unregistered")
+    if name not in _REGISTERED:
+        raise ValueError(f"no solver '{name}' is registered; registered: {', '.join(sorted(_REGISTERED)) or '(none)'}")
+    del _REGISTERED[name]
 
 
 def available_solvers() -> list[str]:

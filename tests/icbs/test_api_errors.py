@@ -36,9 +36,14 @@ class _InfeasibleSolver(solvers.Solver):
         return np.zeros(problem.n, dtype=np.int8), {"status": "FEASIBLE"}
 
 
-for _cls in (_BrokenAnswerSolver, _InfeasibleSolver):
-    if _cls.name not in solvers.available_solvers():
-        solvers.register(_cls)
+@pytest.fixture(scope="module", autouse=True)
+def _broken_solvers():
+    """Register the broken solvers for this module only: the solver contract suite must not see them."""
+    for cls in (_BrokenAnswerSolver, _InfeasibleSolver):
+        solvers.register(cls)
+    yield
+    for cls in (_BrokenAnswerSolver, _InfeasibleSolver):
+        solvers.unregister(cls.name)
 
 
 def _expect(mlp_problem, snapshot, assert_unchanged, cfg, error, match, **kwargs):

@@ -101,3 +101,19 @@ def test_import_solvers_does_not_import_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_unregister_removes_a_third_party_solver_but_not_a_builtin():
+    import solvers
+
+    class _Mine(solvers.get_solver_class("swap-descent")):
+        name = "test-unregister-me"
+
+    solvers.register(_Mine)
+    assert "test-unregister-me" in solvers.available_solvers()
+    solvers.unregister("test-unregister-me")
+    assert "test-unregister-me" not in solvers.available_solvers()
+    with pytest.raises(ValueError, match="no solver 'test-unregister-me' is registered"):
+        solvers.unregister("test-unregister-me")
+    with pytest.raises(ValueError, match="built in"):
+        solvers.unregister("anneal")
