@@ -172,7 +172,11 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/llm_results.json")
     parser.add_argument("--plot", default="docs/llm_curve.png")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", metavar="JSON", help="print the table of a saved run and exit")
     args = parser.parse_args()
+    if args.report:
+        print(markdown(json.loads(Path(args.report).read_text())))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("icbs.bcd", "icbs.derivatives", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -209,13 +213,19 @@ def main() -> None:
         rows24, summary24 = _icbs_rows(bench, cfg24, budgets, f"icbs 2:4[{init}]")
         out["icbs_24"], out["icbs_24_summary"] = rows24, summary24
     out["eval_s"] = bench.eval_s
-    print("\n| method | pattern | perplexity | elapsed (min) | steps |\n|---|---|---:|---:|---:|")
-    for row in baselines:
-        print(f"| {row['method']} | {row['pattern']} | {row['perplexity']:.2f} | {row['prune_s'] / 60:.1f} | – |")
+    _write(args.json, out)
+    print(markdown(out))
+
+
+def markdown(out: Mapping[str, Any]) -> str:
+    """The results table (markdown) of a run's JSON."""
+    lines = ["| method | pattern | perplexity | elapsed pruning time (min) | steps |", "|---|---|---:|---:|---:|"]
+    for row in out.get("baselines", []):
+        lines.append(f"| {row['method']} | {row['pattern']} | {row['perplexity']:.2f} | {row['prune_s'] / 60:.1f} | – |")
     for key, pattern in (("icbs", "unstructured"), ("icbs_24", "2:4")):
         for row in out.get(key, []):
-            print(f"| {row['method']} | {pattern} | {row['perplexity']:.2f} | {row['elapsed_s'] / 60:.1f} | {row['step']} |")
-    _write(args.json, out)
+            lines.append(f"| {row['method']} | {pattern} | {row['perplexity']:.2f} | {row['elapsed_s'] / 60:.1f} | {row['step']} |")
+    return "\n".join(lines)
 
 
 def _parse_run(spec: str) -> tuple[str, list[float]]:
