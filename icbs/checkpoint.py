@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,26 +62,21 @@ def set_rng_states(states: Mapping[str, Any]) -> None:
     )
 
 
+def _map_masks(state: Mapping[str, Any], convert: Callable[[Any], Any]) -> dict[str, Any]:
+    """A copy of a state dict with ``convert`` applied to every layer's mask entries."""
+    mapped = dict(state)
+    mapped["layers"] = {
+        name: {**layer, **{key: convert(layer[key]) for key in _MASK_KEYS}} for name, layer in state["layers"].items()
+    }
+    return mapped
+
+
 def _pack_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    packed = dict(state)
-    packed["layers"] = {}
-    for name, layer in state["layers"].items():
-        item = dict(layer)
-        for key in _MASK_KEYS:
-            item[key] = pack_mask(item[key])
-        packed["layers"][name] = item
-    return packed
+    return _map_masks(state, pack_mask)
 
 
 def _unpack_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    unpacked = dict(state)
-    unpacked["layers"] = {}
-    for name, layer in state["layers"].items():
-        item = dict(layer)
-        for key in _MASK_KEYS:
-            item[key] = unpack_mask(item[key])
-        unpacked["layers"][name] = item
-    return unpacked
+    return _map_masks(state, unpack_mask)
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -56,17 +57,9 @@ def plot_metric_vs_time(
             ax.axhline(init_value, color="tab:red", linestyle="--", label="one-shot init")
         if dense_value is not None:
             ax.axhline(dense_value, color="tab:gray", linestyle=":", label="dense")
-        ax.set_xlabel("elapsed time (s)")
-        ax.set_ylabel(metric)
-        ax.set_title(title or f"{metric} vs. time")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=100)
+        return _save(fig, ax, path, "elapsed time (s)", metric, title or f"{metric} vs. time")
     finally:
         plt.close(fig)
-    return path
 
 
 def plot_delta_per_step(
@@ -106,14 +99,19 @@ def plot_delta_per_step(
                 ax.scatter([steps[i] for i in dropped], [predicted[i] for i in dropped], s=8, color="tab:gray",
                            label="not applied")
         ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.set_xlabel("step")
-        ax.set_ylabel("predicted ΔL")
-        ax.set_title(title or "predicted loss change per step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=100)
+        return _save(fig, ax, path, "step", "predicted ΔL", title or "predicted loss change per step")
     finally:
         plt.close(fig)
+
+
+def _save(fig: Any, ax: Any, path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, grid, legend and write one figure as PNG; returns the path."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
     return path
