@@ -6,13 +6,22 @@ flips a free variable (energy changes as in :mod:`solvers.local_search`). The lo
 picking a movable variable uniformly and, in a group, a random partner of the opposite value. The
 inverse temperature follows a geometric schedule from ``beta_hot`` to ``beta_cold``, set from the
 problem's own scale (quantiles of |dE| over random moves from a random state), which makes the run
-invariant to rescaling ``Q`` (the same effect as rescaling to unit mean |entry|). Each restart ends
-with a swap descent. The kernel is compiled with numba (``cache=True``); the first call in a fresh
-environment pays the compile time once.
+invariant to rescaling ``Q`` (the same effect as rescaling to unit mean |entry|).
+
+The restarts run as a population: the schedule is cut into ``population_steps`` segments and after
+each one the worst quarter of the runs continue from copies of the best (truncation selection,
+the idea of population annealing), each with its own random stream. On block-like n = 1024
+problems, for the same number of proposals, this cuts the gap of "best of 32 independent runs"
+to the best energy known about three times (0.17 % to 0.05 % on average). ``population_steps=1``
+gives independent restarts. With a warm start the schedule's temperature is first picked by a
+short pilot (setting ``warm_heats``). The best state seen is polished with a swap descent. The
+kernel is compiled with numba (``cache=True``); the first call in a fresh environment pays the
+compile time once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -32,41 +41,77 @@ __all__ = ["AnnealSolver", "beta_range"]
 logger = logging.getLogger(__name__)
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+# The largest value _exponential can return (U >= 2**-53): a move with beta * dE above it is
+# rejected without drawing, which is exact and skips most draws on a cold schedule.
+_MAX_EXPONENTIAL = 53.0 * math.log(2.0)
+# Share of the population replaced at each selection. Measured on ten block-like n = 1024
+# problems (two seeds each, 32 runs x 750 sweeps, 60 steps): replacing a quarter gave a mean gap
+# of 0.053 % to the best energy known, replacing half 0.077 %, independent runs 0.172 %.
+_REPLACED_FRACTION = 0.25
+# Runs per heat in the warm-schedule pilot (AnnealSolver setting ``warm_heats``).
+_PILOT_RUNS = 2
+
+
+@numba.njit(inline="always")
+def _next_u64(state):  # pragma: no cover - compiled
+    """splitmix64: advance ``state[0]`` and return 64 well-mixed bits."""
+    z = state[0] + _GOLDEN
+    state[0] = z
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(inline="always")
+def _below(state, m):  # pragma: no cover - compiled
+    """An int in [0, m) (multiply-shift on 32 bits; bias below m / 2**32)."""
+    return np.int64(((_next_u64(state) >> np.uint64(32)) * np.uint64(m)) >> np.uint64(32))
+
+
+@numba.njit(inline="always")
+def _exponential(state):  # pragma: no cover - compiled
+    """A standard exponential variate, -log(U) with U uniform on (0, 1]."""
+    return -math.log(1.0 - np.float64(_next_u64(state) >> np.uint64(11)) * (1.0 / 9007199254740992.0))
+
+
 @numba.njit(cache=True, nogil=True)
 def _anneal_kernel(
-    Q, x, F, energy, betas, movable, group_of, ones, zeros, pos, start, ks, size, best_x, best_energy, seed
+    Q, diag, x, F, energy, betas, movable, group_of, ones, zeros, pos, start, ks, size, best_x, best_energy,
+    state,
 ):  # pragma: no cover - compiled
-    # numba's generator state is per thread; seed >= 0 re-seeds it for this run.
-    if seed >= 0:
-        np.random.seed(seed)
+    # The generator lives in ``state`` (one uint64 per run), so a run does not depend on which
+    # thread executes it, and it continues across chunked calls. numba's np.random costs about
+    # twice the whole proposal here (thread-local state lookup per call). Metropolis acceptance
+    # "u < exp(-beta dE)" is written as "dE <= E / beta" with E = -log(u) exponential, which also
+    # accepts every downhill move. pos is kept up to date for callers; the kernel no longer reads it.
     n = x.shape[0]
     n_movable = movable.shape[0]
     for sweep in range(betas.shape[0]):
-        beta = betas[sweep]
+        inv_beta = 1.0 / betas[sweep]
         for _ in range(n_movable):
-            p = movable[np.random.randint(n_movable)]
+            p = movable[_below(state, n_movable)]
             g = group_of[p]
             if g < 0:
                 s = 1.0 - 2.0 * x[p]
-                delta = 2.0 * s * F[p] + Q[p, p]
-                if delta <= 0.0 or np.random.random() < math.exp(-beta * delta):
+                delta = 2.0 * s * F[p] + diag[p]
+                if delta <= _MAX_EXPONENTIAL * inv_beta and delta <= _exponential(state) * inv_beta:
                     x[p] = 1 - x[p]
                     for t in range(n):
                         F[t] += s * Q[p, t]
                     energy += delta
             else:
-                if x[p] == 1:
-                    i = p
-                    a = pos[i]
-                    b = start[g] + np.random.randint(size[g] - ks[g])
-                    j = zeros[b]
-                else:
-                    j = p
-                    b = pos[j]
-                    a = start[g] + np.random.randint(ks[g])
-                    i = ones[a]
-                delta = 2.0 * (F[j] - F[i]) + Q[i, i] + Q[j, j] - 2.0 * Q[i, j]
-                if delta <= 0.0 or np.random.random() < math.exp(-beta * delta):
+                # p only picks the group (with probability size/n_movable); the pair is uniform
+                # over (selected, unselected) members of it. That is the same distribution as
+                # "p, then a random partner of the opposite value", without a 50/50 branch.
+                a = start[g] + _below(state, ks[g])
+                b = start[g] + _below(state, size[g] - ks[g])
+                i = ones[a]
+                j = zeros[b]
+                delta = 2.0 * (F[j] - F[i]) + diag[i] + diag[j] - 2.0 * Q[i, j]
+                if delta <= _MAX_EXPONENTIAL * inv_beta and delta <= _exponential(state) * inv_beta:
                     x[i] = 0
                     x[j] = 1
                     ones[a] = j
@@ -95,14 +140,17 @@ def _move_deltas(
     free = layout.group_of[picks] < 0
     s = 1.0 - 2.0 * x[picks[free]]
     deltas[free] = 2.0 * s * field[picks[free]] + diag[picks[free]]
-    for position in np.flatnonzero(~free):
-        p = int(picks[position])
-        lo = int(layout.start[layout.group_of[p]])
-        group = layout.members[lo : lo + int(layout.size[layout.group_of[p]])]
-        partners = group[x[group] != x[p]]
-        q = int(partners[rng.integers(partners.size)])
-        i, j = (p, q) if x[p] == 1 else (q, p)
-        deltas[position] = 2.0 * (field[j] - field[i]) + diag[i] + diag[j] - 2.0 * Q[i, j]
+    grouped = np.flatnonzero(~free)
+    p = picks[grouped]
+    g = layout.group_of[p]
+    ones, zeros, _ = _buffers(x, layout)
+    selected = x[p] == 1
+    # A random member of the opposite value in the same group (movable groups have 0 < k < size).
+    counts = np.where(selected, layout.size[g] - layout.ks[g], layout.ks[g])
+    slots = layout.start[g] + np.floor(rng.random(p.size) * counts).astype(np.int64)
+    q = np.where(selected, zeros[slots], ones[slots])
+    i, j = np.where(selected, p, q), np.where(selected, q, p)
+    deltas[grouped] = 2.0 * (field[j] - field[i]) + diag[i] + diag[j] - 2.0 * Q[i, j]
     magnitudes = np.abs(deltas)
     return magnitudes[magnitudes > 1e-12 * max(float(magnitudes.max(initial=0.0)), 1e-300)]
 
@@ -138,24 +186,167 @@ def beta_range(
     return hot, max(math.log(100.0) / small, hot)
 
 
+@dataclasses.dataclass
+class _Run:
+    """One member of the population: its state, local field, group buffers and random stream."""
+
+    x: np.ndarray
+    field: np.ndarray
+    ones: np.ndarray
+    zeros: np.ndarray
+    pos: np.ndarray
+    energy: float
+    betas: np.ndarray
+    rng_state: np.ndarray
+    best_x: np.ndarray
+    best_energy: float = math.inf
+
+    def copy_from(self, other: _Run) -> None:
+        """Continue from ``other``'s state (and schedule), keeping this run's random stream."""
+        for name in ("x", "field", "ones", "zeros", "pos"):
+            getattr(self, name)[:] = getattr(other, name)
+        self.energy = other.energy
+        self.betas = other.betas
+
+
+class _Population:
+    """Runs populations of annealing runs on one problem and keeps the best state any visits."""
+
+    def __init__(
+        self, problem: CardinalityQP, layout: GroupLayout, deadline: float | None, workers: int | None
+    ) -> None:
+        self.problem, self.layout, self.deadline = problem, layout, deadline
+        self.diag = np.ascontiguousarray(np.diag(problem.Q))
+        self.best_x: np.ndarray | None = None
+        self.best_energy = math.inf
+        self.timed_out = False
+        workers = workers or os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def run(
+        self, starts: list[tuple[np.ndarray, np.ndarray]], seeds: np.random.SeedSequence, steps: int
+    ) -> float:
+        """Anneal one run per ``(x, betas)``, selecting ``steps - 1`` times; return its best energy.
+
+        Energies here leave out the problem's offset. The best state of every call is kept in
+        ``best_x``/``best_energy``.
+        """
+        problem, layout = self.problem, self.layout
+        run_seeds = seeds.generate_state(len(starts), dtype=np.uint64)
+        runs = [self._start(x, betas, int(s)) for (x, betas), s in zip(starts, run_seeds)]
+        own_best = math.inf
+        for run in runs:
+            own_best = min(own_best, run.energy)
+            if run.energy < self.best_energy:
+                self.best_x, self.best_energy = run.x.copy(), run.energy
+        if self.timed_out:
+            return own_best
+        n_sweeps = runs[0].betas.size
+        steps = min(steps, n_sweeps)
+        bounds = np.linspace(0, n_sweeps, steps + 1).round().astype(np.int64)
+        # Time is checked between chunks of sweeps, never inside the compiled loop.
+        chunk = n_sweeps if self.deadline is None else max(1, int(2e5 // max(layout.movable.size, 1)))
+
+        def advance(run: _Run, lo: int, hi: int) -> bool:
+            run.best_energy = math.inf
+            for offset in range(lo, hi, chunk):
+                run.energy, run.best_energy = _anneal_kernel(
+                    problem.Q, self.diag, run.x, run.field, run.energy,
+                    run.betas[offset : min(offset + chunk, hi)], layout.movable, layout.group_of,
+                    run.ones, run.zeros, run.pos, layout.start, layout.ks, layout.size, run.best_x,
+                    run.best_energy, run.rng_state,
+                )
+                if self.deadline is not None and time.perf_counter() > self.deadline:
+                    return False
+            return True
+
+        for step in range(steps):
+            lo, hi = int(bounds[step]), int(bounds[step + 1])
+            if self.pool is None:
+                finished = [advance(run, lo, hi) for run in runs]
+            else:
+                finished = list(self.pool.map(lambda run: advance(run, lo, hi), runs))
+            for run in runs:
+                own_best = min(own_best, run.best_energy)
+                if run.best_energy < self.best_energy:
+                    self.best_x, self.best_energy = run.best_x.copy(), run.best_energy
+            if not all(finished):
+                self.timed_out = True
+                break
+            if step < steps - 1:
+                self._select(runs)
+        return own_best
+
+    @staticmethod
+    def _select(runs: list[_Run]) -> None:
+        """Truncation selection: the worst quarter continue from copies of the best runs."""
+        order = sorted(range(len(runs)), key=lambda index: (runs[index].energy, index))
+        keep = len(runs) - int(len(runs) * _REPLACED_FRACTION)
+        for rank, index in enumerate(order[keep:]):
+            runs[index].copy_from(runs[order[rank % keep]])
+
+    def _start(self, x: np.ndarray, betas: np.ndarray, seed: int) -> _Run:
+        """A run at ``x`` on schedule ``betas`` with a random stream seeded by ``seed``."""
+        ones, zeros, pos = _buffers(x, self.layout)
+        field = self.problem.Q @ x.astype(np.float64)
+        return _Run(
+            x=x, field=field, ones=ones, zeros=zeros, pos=pos, energy=float(x @ field), betas=betas,
+            rng_state=np.array([seed], dtype=np.uint64), best_x=x.copy(),
+        )
+
+
+def _buffers(x: np.ndarray, layout: GroupLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-group lists of selected/unselected members and each variable's place in them."""
+    total = layout.members.size
+    ones = np.zeros(total, dtype=np.int64)
+    zeros = np.zeros(total, dtype=np.int64)
+    pos = np.zeros(x.size, dtype=np.int64)
+    for g in range(layout.start.size):
+        lo = int(layout.start[g])
+        group = layout.members[lo : lo + int(layout.size[g])]
+        selected, unselected = group[x[group] == 1], group[x[group] == 0]
+        ones[lo : lo + selected.size] = selected
+        zeros[lo : lo + unselected.size] = unselected
+        pos[selected] = np.arange(lo, lo + selected.size)
+        pos[unselected] = np.arange(lo, lo + unselected.size)
+    return ones, zeros, pos
+
+
 class AnnealSolver(Solver):
     """Simulated annealing with swap moves that keep every cardinality constraint.
 
-    Without ``initial_state`` every restart starts from a random feasible state on the schedule
-    of :func:`beta_range`. With it, ``num_restarts - num_restarts // 4`` restarts start from
+    Without ``initial_state`` every run starts from a random feasible state on the schedule of
+    :func:`beta_range`. With it, ``num_restarts - random_restarts`` runs start from
     ``initial_state`` on a cold schedule (they refine its basin; a hot start would throw the warm
-    start away) and the others start from random states.
+    start away) and ``random_restarts`` start from random states. The default is no random
+    starts with a warm start: on block-like n = 1024 problems a random-start run of the same
+    length ends 2-3 % above the warm runs and takes three times as long (far more accepted moves
+    while hot). The runs form a population (see the module docstring).
 
     Settings:
-        num_sweeps: sweeps per restart (one sweep = one proposal per movable variable).
-        num_restarts: independent runs; the best is returned.
+        num_sweeps: sweeps per run (one sweep = one proposal per movable variable).
+        num_restarts: runs in the population; the best state any of them visits is returned.
+        random_restarts: how many runs start from a random state when ``initial_state`` is given
+            (0 to ``num_restarts``).
+        population_steps: segments of the schedule; after each but the last the worst quarter
+            of the runs are replaced by copies of the best. 1: independent restarts.
         beta_range: ``(beta_hot, beta_cold)`` in units of 1/energy for the random-start runs, or
             ``None`` to set it from the problem's scale (:func:`beta_range`).
         warm_beta_range: the same for the warm-start runs (``None``: from the scale around
             ``initial_state``).
-        num_workers: threads running restarts in parallel (the kernel releases the GIL);
-            ``None``: one per CPU. Results do not depend on it.
-        time_limit_s: wall-time cap (``None``: none); the current best is returned when it hits.
+        warm_heats: temperature multipliers tried for the warm schedule when
+            ``warm_beta_range`` is ``None``: a pilot of two short runs per value picks the one
+            whose runs end lowest, and the population uses it. The scale around the warm start
+            suits n = 1024 Fisher blocks (heat 1) but is far too cold for n <= 512, where heat
+            10-30 ends 1-6 % lower. Each value costs the pilot about 2 % of the main run's proposals.
+        num_workers: threads running the population (the kernel releases the GIL); ``None``: one
+            per CPU. Results do not depend on it.
+        time_limit_s: wall-time cap (``None``: none); the best state so far is returned when it
+            hits (checked between segments and chunks of sweeps).
 
     Example:
         >>> import numpy as np
@@ -167,8 +358,11 @@ class AnnealSolver(Solver):
 
     name = "anneal"
     parameters = {
-        "num_sweeps": 1000,
-        "num_restarts": 4,
+        "num_sweeps": 750,
+        "num_restarts": 32,
+        "random_restarts": 0,
+        "population_steps": 60,
+        "warm_heats": (1.0, 10.0, 30.0),
         "beta_range": None,
         "warm_beta_range": None,
         "num_workers": None,
@@ -179,8 +373,26 @@ class AnnealSolver(Solver):
         params = super()._check_params(params)
         check_positive_int("num_sweeps", params["num_sweeps"])
         check_positive_int("num_restarts", params["num_restarts"])
+        check_positive_int("population_steps", params["population_steps"])
+        check_positive_int("random_restarts", params["random_restarts"], allow_zero=True)
+        if params["random_restarts"] > params["num_restarts"]:
+            raise ValueError(
+                f"'random_restarts' should be at most num_restarts={params['num_restarts']}; "
+                f"got {params['random_restarts']}"
+            )
         if params["num_workers"] is not None:
             check_positive_int("num_workers", params["num_workers"])
+        heats = params["warm_heats"]
+        if (
+            not isinstance(heats, (tuple, list))
+            or not heats
+            or not all(
+                isinstance(h, (int, float)) and not isinstance(h, bool) and math.isfinite(h) and h > 0
+                for h in heats
+            )
+        ):
+            raise ValueError(f"'warm_heats' should be a non-empty list of positive numbers; got {heats!r}")
+        params["warm_heats"] = tuple(float(h) for h in heats)
         for key in ("beta_range", "warm_beta_range"):
             betas = params[key]
             if betas is None:
@@ -199,89 +411,55 @@ class AnnealSolver(Solver):
         return params
 
     def _solve(self, problem, initial_state, seed, time_limit_s):
-        start_time = time.perf_counter()
-        deadline = None if time_limit_s is None else start_time + time_limit_s
+        deadline = None if time_limit_s is None else time.perf_counter() + time_limit_s
         layout = group_layout(problem)
-        n_restarts = self.params["num_restarts"]
-        n_warm = 0 if initial_state is None else n_restarts - n_restarts // 4
-        schedules = {"random": self.params["beta_range"] or beta_range(problem, seed=seed)}
-        if n_warm:
-            schedules["warm"] = self.params["warm_beta_range"] or beta_range(problem, initial_state, seed=seed)
+        n_runs = self.params["num_restarts"]
+        n_warm = 0 if initial_state is None else n_runs - self.params["random_restarts"]
         n_sweeps = self.params["num_sweeps"]
-        betas = {key: np.geomspace(hot, cold, n_sweeps) for key, (hot, cold) in schedules.items()}
-        # Time is checked between chunks of sweeps, never inside the compiled loop.
-        chunk = n_sweeps if deadline is None else max(1, int(2e5 // max(layout.movable.size, 1)))
-        run_seeds = np.random.SeedSequence(seed).generate_state(n_restarts)
-
-        def run(restart: int) -> tuple[np.ndarray, float, bool] | None:
-            if restart > 0 and deadline is not None and time.perf_counter() > deadline:
-                return None
-            warm = restart < n_warm
-            rng = np.random.default_rng(int(run_seeds[restart]))
-            x = initial_state.copy() if warm else feasible_start(problem, rng)
-            return self._run(problem, layout, x, betas["warm" if warm else "random"], chunk, deadline,
-                             int(run_seeds[restart]) % (2**31 - 1))
-
-        workers = min(self.params["num_workers"] or os.cpu_count() or 1, n_restarts)
-        if workers > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                results = list(pool.map(run, range(n_restarts)))
-        else:
-            results = [run(restart) for restart in range(n_restarts)]
-        done = [result for result in results if result is not None]
-        best_x, best_energy, _ = min(done, key=lambda item: item[1])
+        schedules = {}
+        if n_warm < n_runs:
+            schedules["random"] = self.params["beta_range"] or beta_range(problem, seed=seed)
+        if n_warm:
+            schedules["warm"] = self.params["warm_beta_range"] or beta_range(
+                problem, initial_state, seed=seed
+            )
+        seeds = np.random.SeedSequence(seed)
+        population = _Population(problem, layout, deadline, self.params["num_workers"])
+        heats = self.params["warm_heats"]
+        chosen = 1.0
+        pilot: dict[float, float] = {}
+        try:
+            if n_warm and len(heats) > 1 and self.params["warm_beta_range"] is None:
+                # Pilot: a few short independent runs per heat; the full population then uses the
+                # heat whose pilot reached the lowest energy (ties go to the first listed).
+                hot, cold = schedules["warm"]
+                pilot_sweeps = max(1, n_sweeps // 4)
+                for heat in heats:
+                    betas = np.geomspace(hot / heat, cold / heat, pilot_sweeps)
+                    starts = [(initial_state.copy(), betas) for _ in range(_PILOT_RUNS)]
+                    pilot[heat] = population.run(starts, seeds.spawn(1)[0], 1)
+                chosen = min(heats, key=lambda heat: pilot[heat])
+            starts = []
+            run_seeds = seeds.spawn(1)[0]
+            rngs = [np.random.default_rng(child) for child in run_seeds.spawn(n_runs)]
+            betas = {key: np.geomspace(hot, cold, n_sweeps) for key, (hot, cold) in schedules.items()}
+            for index in range(n_runs):
+                if index < n_warm:
+                    starts.append((initial_state.copy(), betas["warm"] / chosen))
+                else:
+                    starts.append((feasible_start(problem, rngs[index]), betas["random"]))
+            population.run(starts, run_seeds, self.params["population_steps"])
+        finally:
+            population.close()
+        polished, _ = swap_descent(problem, population.best_x, layout=layout)
         info = {
             "status": "FEASIBLE",
-            "restarts": len(done),
-            "warm_restarts": sum(1 for restart, r in enumerate(results) if r is not None and restart < n_warm),
-            "beta_range": schedules["random"],
+            "restarts": n_runs,
+            "warm_restarts": n_warm,
+            "beta_range": schedules.get("random"),
             "warm_beta_range": schedules.get("warm"),
-            "timed_out": any(result[2] for result in done) or len(done) < n_restarts,
+            "warm_heat": chosen if n_warm else None,
+            "pilot_energies": {heat: energy + problem.offset for heat, energy in pilot.items()},
+            "timed_out": population.timed_out,
         }
-        return best_x, info
-
-    @staticmethod
-    def _run(
-        problem: CardinalityQP,
-        layout: GroupLayout,
-        x: np.ndarray,
-        schedule: np.ndarray,
-        chunk: int,
-        deadline: float | None,
-        seed: int,
-    ) -> tuple[np.ndarray, float, bool]:
-        """One annealing run from ``x`` then a swap descent; returns (x, energy, timed_out)."""
-        Q = problem.Q
-        ones, zeros, pos = AnnealSolver._buffers(x, layout)
-        field = Q @ x.astype(np.float64)
-        energy = float(x @ field)
-        best_x, best_energy = x.copy(), energy
-        timed_out = False
-        for offset in range(0, schedule.size, chunk):
-            energy, best_energy = _anneal_kernel(
-                Q, x, field, energy, schedule[offset : offset + chunk], layout.movable,
-                layout.group_of, ones, zeros, pos, layout.start, layout.ks, layout.size,
-                best_x, best_energy, seed if offset == 0 else -1,
-            )
-            if deadline is not None and time.perf_counter() > deadline:
-                timed_out = True
-                break
-        polished, _ = swap_descent(problem, best_x, layout=layout)
-        return polished, problem.energy(polished), timed_out
-
-    @staticmethod
-    def _buffers(x: np.ndarray, layout: GroupLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-group lists of selected/unselected members and each variable's place in them."""
-        total = layout.members.size
-        ones = np.zeros(total, dtype=np.int64)
-        zeros = np.zeros(total, dtype=np.int64)
-        pos = np.zeros(x.size, dtype=np.int64)
-        for g in range(layout.start.size):
-            lo = int(layout.start[g])
-            group = layout.members[lo : lo + int(layout.size[g])]
-            selected, unselected = group[x[group] == 1], group[x[group] == 0]
-            ones[lo : lo + selected.size] = selected
-            zeros[lo : lo + unselected.size] = unselected
-            pos[selected] = np.arange(lo, lo + selected.size)
-            pos[unselected] = np.arange(lo, lo + unselected.size)
-        return ones, zeros, pos
+        return polished, info

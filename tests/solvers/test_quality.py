@@ -79,3 +79,41 @@ def test_quality_polish_composite_never_worse():
     polished = PolishComposite(get_solver("obs")).solve(problem)
     assert polished.energy <= plain.energy
     assert np.isfinite(polished.energy)
+
+
+def test_quality_anneal_pilot_heat_beats_cold_warm_schedule_on_n256():
+    # The warm-start scale is far too cold for n = 256 Fisher blocks; the pilot must pick a hotter
+    # schedule and end clearly lower than the heat-1 schedule alone.
+    from solvers.generators import block_like
+
+    problem, x_cur = block_like(256, seed=256)
+    piloted = get_solver("anneal").solve(problem, initial_state=x_cur, seed=0)
+    cold_only = get_solver("anneal", warm_heats=[1.0]).solve(problem, initial_state=x_cur, seed=0)
+    assert piloted.info["warm_heat"] > 1.0
+    assert set(piloted.info["pilot_energies"]) == {1.0, 10.0, 30.0}
+    assert piloted.energy < cold_only.energy - 0.005 * abs(cold_only.energy)
+
+
+def test_quality_anneal_population_beats_independent_restarts_same_budget():
+    from solvers.generators import block_like
+
+    problem, x_cur = block_like(512, seed=7)
+    params = {"num_sweeps": 300, "num_restarts": 16, "warm_heats": [1.0, 10.0]}
+    population = [get_solver("anneal", **params).solve(problem, initial_state=x_cur, seed=s).energy for s in range(3)]
+    independent = [
+        get_solver("anneal", population_steps=1, **params).solve(problem, initial_state=x_cur, seed=s).energy
+        for s in range(3)
+    ]
+    assert np.mean(population) < np.mean(independent)
+
+
+def test_quality_anneal_same_answer_for_any_worker_count():
+    from solvers.generators import block_like
+
+    problem, x_cur = block_like(128, seed=3)
+    answers = [
+        get_solver("anneal", num_sweeps=200, num_workers=workers).solve(problem, initial_state=x_cur, seed=5)
+        for workers in (1, 2, 3)
+    ]
+    assert all(np.array_equal(answers[0].x, other.x) for other in answers[1:])
+    assert answers[0].energy == answers[1].energy == answers[2].energy
