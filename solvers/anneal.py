@@ -2,11 +2,12 @@
 
 Every state is feasible: a move swaps a selected and an unselected variable inside one group, or
 flips a free variable (energy changes as in :mod:`solvers.local_search`). The local field
-``F = Q x`` is updated in O(n) per accepted move, so a proposal costs O(1). Moves are proposed by
-picking a movable variable uniformly and, in a group, a random partner of the opposite value. The
-inverse temperature follows a geometric schedule from ``beta_hot`` to ``beta_cold``, set from the
-problem's own scale (quantiles of |dE| over random moves from a random state), which makes the run
-invariant to rescaling ``Q`` (the same effect as rescaling to unit mean |entry|).
+``F = Q x`` is updated in O(n) per accepted move, so a proposal costs O(1). A proposal picks a
+movable variable uniformly; a free one is flipped, and in a group a uniform (selected, unselected)
+pair of that group is swapped. The inverse temperature follows a geometric schedule from
+``beta_hot`` to ``beta_cold``, set from the problem's own scale (quantiles of |dE| over random
+moves from a random state), which makes the run invariant to rescaling ``Q`` (the same effect as
+rescaling to unit mean |entry|).
 
 The restarts run as a population: the schedule is cut into ``population_steps`` segments and after
 each one the worst quarter of the runs continue from copies of the best (truncation selection,
@@ -77,16 +78,21 @@ def _exponential(state):  # pragma: no cover - compiled
     return -math.log(1.0 - np.float64(_next_u64(state) >> np.uint64(11)) * (1.0 / 9007199254740992.0))
 
 
+@numba.njit(inline="always")
+def _accept(delta, inv_beta, state):  # pragma: no cover - compiled
+    """Metropolis test at temperature ``inv_beta``; draws only when acceptance is possible."""
+    return delta <= _MAX_EXPONENTIAL * inv_beta and delta <= _exponential(state) * inv_beta
+
+
 @numba.njit(cache=True, nogil=True)
 def _anneal_kernel(
-    Q, diag, x, F, energy, betas, movable, group_of, ones, zeros, pos, start, ks, size, best_x, best_energy,
-    state,
+    Q, diag, x, F, energy, betas, movable, group_of, ones, zeros, start, ks, size, best_x, best_energy, state
 ):  # pragma: no cover - compiled
     # The generator lives in ``state`` (one uint64 per run), so a run does not depend on which
     # thread executes it, and it continues across chunked calls. numba's np.random costs about
     # twice the whole proposal here (thread-local state lookup per call). Metropolis acceptance
     # "u < exp(-beta dE)" is written as "dE <= E / beta" with E = -log(u) exponential, which also
-    # accepts every downhill move. pos is kept up to date for callers; the kernel no longer reads it.
+    # accepts every downhill move.
     n = x.shape[0]
     n_movable = movable.shape[0]
     for sweep in range(betas.shape[0]):
@@ -97,7 +103,7 @@ def _anneal_kernel(
             if g < 0:
                 s = 1.0 - 2.0 * x[p]
                 delta = 2.0 * s * F[p] + diag[p]
-                if delta <= _MAX_EXPONENTIAL * inv_beta and delta <= _exponential(state) * inv_beta:
+                if _accept(delta, inv_beta, state):
                     x[p] = 1 - x[p]
                     for t in range(n):
                         F[t] += s * Q[p, t]
@@ -111,13 +117,11 @@ def _anneal_kernel(
                 i = ones[a]
                 j = zeros[b]
                 delta = 2.0 * (F[j] - F[i]) + diag[i] + diag[j] - 2.0 * Q[i, j]
-                if delta <= _MAX_EXPONENTIAL * inv_beta and delta <= _exponential(state) * inv_beta:
+                if _accept(delta, inv_beta, state):
                     x[i] = 0
                     x[j] = 1
                     ones[a] = j
                     zeros[b] = i
-                    pos[j] = a
-                    pos[i] = b
                     for t in range(n):
                         F[t] += Q[j, t] - Q[i, t]
                     energy += delta
@@ -143,7 +147,7 @@ def _move_deltas(
     grouped = np.flatnonzero(~free)
     p = picks[grouped]
     g = layout.group_of[p]
-    ones, zeros, _ = _buffers(x, layout)
+    ones, zeros = _buffers(x, layout)
     selected = x[p] == 1
     # A random member of the opposite value in the same group (movable groups have 0 < k < size).
     counts = np.where(selected, layout.size[g] - layout.ks[g], layout.ks[g])
@@ -194,7 +198,6 @@ class _Run:
     field: np.ndarray
     ones: np.ndarray
     zeros: np.ndarray
-    pos: np.ndarray
     energy: float
     betas: np.ndarray
     rng_state: np.ndarray
@@ -203,7 +206,7 @@ class _Run:
 
     def copy_from(self, other: _Run) -> None:
         """Continue from ``other``'s state (and schedule), keeping this run's random stream."""
-        for name in ("x", "field", "ones", "zeros", "pos"):
+        for name in ("x", "field", "ones", "zeros"):
             getattr(self, name)[:] = getattr(other, name)
         self.energy = other.energy
         self.betas = other.betas
@@ -257,7 +260,7 @@ class _Population:
                 run.energy, run.best_energy = _anneal_kernel(
                     problem.Q, self.diag, run.x, run.field, run.energy,
                     run.betas[offset : min(offset + chunk, hi)], layout.movable, layout.group_of,
-                    run.ones, run.zeros, run.pos, layout.start, layout.ks, layout.size, run.best_x,
+                    run.ones, run.zeros, layout.start, layout.ks, layout.size, run.best_x,
                     run.best_energy, run.rng_state,
                 )
                 if self.deadline is not None and time.perf_counter() > self.deadline:
@@ -291,29 +294,26 @@ class _Population:
 
     def _start(self, x: np.ndarray, betas: np.ndarray, seed: int) -> _Run:
         """A run at ``x`` on schedule ``betas`` with a random stream seeded by ``seed``."""
-        ones, zeros, pos = _buffers(x, self.layout)
+        ones, zeros = _buffers(x, self.layout)
         field = self.problem.Q @ x.astype(np.float64)
         return _Run(
-            x=x, field=field, ones=ones, zeros=zeros, pos=pos, energy=float(x @ field), betas=betas,
+            x=x, field=field, ones=ones, zeros=zeros, energy=float(x @ field), betas=betas,
             rng_state=np.array([seed], dtype=np.uint64), best_x=x.copy(),
         )
 
 
-def _buffers(x: np.ndarray, layout: GroupLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-group lists of selected/unselected members and each variable's place in them."""
+def _buffers(x: np.ndarray, layout: GroupLayout) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group lists of selected and unselected members (group g at ``layout.start[g]``)."""
     total = layout.members.size
     ones = np.zeros(total, dtype=np.int64)
     zeros = np.zeros(total, dtype=np.int64)
-    pos = np.zeros(x.size, dtype=np.int64)
     for g in range(layout.start.size):
         lo = int(layout.start[g])
         group = layout.members[lo : lo + int(layout.size[g])]
         selected, unselected = group[x[group] == 1], group[x[group] == 0]
         ones[lo : lo + selected.size] = selected
         zeros[lo : lo + unselected.size] = unselected
-        pos[selected] = np.arange(lo, lo + selected.size)
-        pos[unselected] = np.arange(lo, lo + unselected.size)
-    return ones, zeros, pos
+    return ones, zeros
 
 
 class AnnealSolver(Solver):

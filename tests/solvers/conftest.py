@@ -8,25 +8,25 @@ import pytest
 from solvers import CardinalityQP
 
 
+def _size_and_constraints(rng: np.random.Generator, seed: int) -> tuple[int, list]:
+    """n in [12, 18]; even seeds one group with random k, odd seeds 2:4 groups (rest free)."""
+    n = int(rng.integers(12, 19))
+    if seed % 2 == 0:
+        return n, [(np.arange(n), int(rng.integers(1, n)))]
+    return n, [(np.arange(i, i + 4), 2) for i in range(0, n - n % 4, 4)]
+
+
 def random_instance(seed: int) -> CardinalityQP:
     """n in [12, 18]; even seeds one group with random k, odd seeds 2:4 groups (rest free)."""
     rng = np.random.default_rng(seed)
-    n = int(rng.integers(12, 19))
-    if seed % 2 == 0:
-        constraints = [(np.arange(n), int(rng.integers(1, n)))]
-    else:
-        constraints = [(np.arange(i, i + 4), 2) for i in range(0, n - n % 4, 4)]
+    n, constraints = _size_and_constraints(rng, seed)
     return CardinalityQP(rng.normal(size=(n, n)), constraints, offset=float(rng.normal()))
 
 
 def random_block_instance(seed: int) -> CardinalityQP:
     """Like :func:`random_instance` but built with from_block (for the OBS family)."""
     rng = np.random.default_rng(seed)
-    n = int(rng.integers(12, 19))
-    if seed % 2 == 0:
-        constraints = [(np.arange(n), int(rng.integers(1, n)))]
-    else:
-        constraints = [(np.arange(i, i + 4), 2) for i in range(0, n - n % 4, 4)]
+    n, constraints = _size_and_constraints(rng, seed)
     G = rng.normal(size=(16, n))
     w0 = rng.normal(scale=0.02, size=n)
     d = -w0 * (rng.random(n) < 0.5)
