@@ -3,21 +3,35 @@
 Every state is feasible: a move swaps a selected and an unselected variable inside one group, or
 flips a free variable (energy changes as in :mod:`solvers.local_search`). The local field
 ``F = Q x`` is updated in O(n) per accepted move, so a proposal costs O(1). A proposal picks a
-movable variable uniformly; a free one is flipped, and in a group a uniform (selected, unselected)
-pair of that group is swapped. The inverse temperature follows a geometric schedule from
-``beta_hot`` to ``beta_cold``, set from the problem's own scale (quantiles of |dE| over random
-moves from a random state), which makes the run invariant to rescaling ``Q`` (the same effect as
-rescaling to unit mean |entry|).
+movable variable uniformly; a free one is flipped, and in a group a (selected, unselected) pair of
+that group is swapped. The inverse temperature follows a geometric schedule from ``beta_hot`` to
+``beta_cold``, set from the problem's own scale (quantiles of |dE| over random moves), which makes
+the run invariant to rescaling ``Q`` (the same effect as rescaling to unit mean |entry|).
+
+Focused proposals (setting ``focus_window``). A swap ``i -> j`` costs ``r_i + a_j - 2 Q_ij`` with
+``r_i`` the cost of removing ``i`` alone and ``a_j`` that of adding ``j``. On block-like problems
+the coupling term is small at the temperatures that matter (within a few kT for the accepted
+moves), so a swap can only be accepted when ``r_i`` and ``a_j`` are both near their group's
+minimum. Late in a plain run fewer than 1 % of uniform proposals are accepted: the moves that are
+involve about a quarter of the selected and a few percent of the unselected variables. Four times
+per sweep the run therefore keeps as candidates the selected ``i`` with
+``beta (r_i + min a) <= focus_window`` and the unselected ``j`` with
+``beta (a_j + min r) <= focus_window``, and draws pairs among those only; every proposal still
+gets the exact Metropolis test. Hot, every variable is a candidate, so this is plain annealing.
+Measured on ten block-like n = 1024 problems (four seeds each, against the best energy found by
+long runs): the focused default (48 runs x 125 sweeps, about 0.7 s) ends 0.057 % above on average
+and within 0.1 % on 32 of 40 runs; plain proposals with four times the sweeps end 0.163 % above
+(7 of 40), in more time.
 
 The restarts run as a population: the schedule is cut into ``population_steps`` segments and after
 each one the worst quarter of the runs continue from copies of the best (truncation selection,
-the idea of population annealing), each with its own random stream. On block-like n = 1024
-problems, for the same number of proposals, this cuts the gap of "best of 32 independent runs"
-to the best energy known about three times (0.17 % to 0.05 % on average). ``population_steps=1``
-gives independent restarts. With a warm start the schedule's temperature is first picked by a
-short pilot (setting ``warm_heats``). The best state seen is polished with a swap descent. The
-kernel is compiled with numba (``cache=True``); the first call in a fresh environment pays the
-compile time once.
+the idea of population annealing), each with its own random stream. On the same problems, for the
+same number of proposals, this cut the gap of "best of 32 independent runs" to the best energy
+then known about three times (0.17 % to 0.05 % on average). ``population_steps=1`` gives
+independent restarts. With a warm start the schedule's temperature is first picked by a short
+pilot (setting ``warm_heats``). The best state seen is polished with a swap descent. The kernel is
+compiled with numba (``cache=True``); the first call in a fresh environment pays the compile time
+once.
 """
 
 from __future__ import annotations
@@ -54,6 +68,8 @@ _MAX_EXPONENTIAL = 53.0 * math.log(2.0)
 _REPLACED_FRACTION = 0.25
 # Runs per heat in the warm-schedule pilot (AnnealSolver setting ``warm_heats``).
 _PILOT_RUNS = 2
+# Temperature stages per sweep; a focused run picks its candidates at the start of each stage.
+_STAGES_PER_SWEEP = 4
 
 
 @numba.njit(inline="always")
@@ -85,19 +101,64 @@ def _accept(delta, inv_beta, state):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def _focus(F, diag, ones, zeros, start, ks, size, n_ones, n_zeros, limit):  # pragma: no cover - compiled
+    # Moves the candidates of every group to the front of its buffers and counts them. A
+    # selected i is a candidate when removing it plus the cheapest single addition in the group
+    # costs at most ``limit`` (r_i + a_min <= limit, r_i = Q_ii - 2 F_i, a_j = Q_jj + 2 F_j);
+    # an unselected j likewise when a_j + r_min <= limit. A swap costs r_i + a_j - 2 Q_ij.
+    for g in range(start.shape[0]):
+        lo = start[g]
+        k = ks[g]
+        m = size[g] - k
+        r_min = np.inf
+        for a in range(lo, lo + k):
+            r_min = min(r_min, diag[ones[a]] - 2.0 * F[ones[a]])
+        a_min = np.inf
+        for b in range(lo, lo + m):
+            a_min = min(a_min, diag[zeros[b]] + 2.0 * F[zeros[b]])
+        count = 0
+        for a in range(lo, lo + k):
+            i = ones[a]
+            if diag[i] - 2.0 * F[i] + a_min <= limit:
+                ones[a] = ones[lo + count]
+                ones[lo + count] = i
+                count += 1
+        n_ones[g] = count
+        count = 0
+        for b in range(lo, lo + m):
+            j = zeros[b]
+            if diag[j] + 2.0 * F[j] + r_min <= limit:
+                zeros[b] = zeros[lo + count]
+                zeros[lo + count] = j
+                count += 1
+        n_zeros[g] = count
+
+
+@numba.njit(cache=True, nogil=True)
 def _anneal_kernel(
-    Q, diag, x, F, energy, betas, movable, group_of, ones, zeros, start, ks, size, best_x, best_energy, state
+    Q, diag, x, F, energy, betas, stage_moves, window, movable, group_of, ones, zeros, start, ks,
+    size, n_ones, n_zeros, best_x, best_energy, state,
 ):  # pragma: no cover - compiled
+    # One stage per entry of ``betas``: ``stage_moves`` proposals at that temperature. With a
+    # finite ``window`` the candidates (see _focus) are picked at the start of each stage and a
+    # group's pairs are drawn among them only; the lists go stale during the stage (an accepted
+    # swap leaves i and j in the candidates' slots), which is cheap and, with the exact
+    # Metropolis test on every proposal, harmless. With ``window = inf`` every pair is drawn.
     # The generator lives in ``state`` (one uint64 per run), so a run does not depend on which
-    # thread executes it, and it continues across chunked calls. numba's np.random costs about
-    # twice the whole proposal here (thread-local state lookup per call). Metropolis acceptance
+    # thread executes it, and it continues across chunked calls. Metropolis acceptance
     # "u < exp(-beta dE)" is written as "dE <= E / beta" with E = -log(u) exponential, which also
     # accepts every downhill move.
     n = x.shape[0]
     n_movable = movable.shape[0]
-    for sweep in range(betas.shape[0]):
-        inv_beta = 1.0 / betas[sweep]
-        for _ in range(n_movable):
+    focused = np.isfinite(window)
+    if not focused:
+        n_ones[:] = ks
+        n_zeros[:] = size - ks
+    for stage in range(betas.shape[0]):
+        inv_beta = 1.0 / betas[stage]
+        if focused:
+            _focus(F, diag, ones, zeros, start, ks, size, n_ones, n_zeros, window * inv_beta)
+        for _ in range(stage_moves):
             p = movable[_below(state, n_movable)]
             g = group_of[p]
             if g < 0:
@@ -108,12 +169,11 @@ def _anneal_kernel(
                     for t in range(n):
                         F[t] += s * Q[p, t]
                     energy += delta
-            else:
+            elif n_ones[g] > 0 and n_zeros[g] > 0:
                 # p only picks the group (with probability size/n_movable); the pair is uniform
-                # over (selected, unselected) members of it. That is the same distribution as
-                # "p, then a random partner of the opposite value", without a 50/50 branch.
-                a = start[g] + _below(state, ks[g])
-                b = start[g] + _below(state, size[g] - ks[g])
+                # over its (selected, unselected) candidates.
+                a = start[g] + _below(state, n_ones[g])
+                b = start[g] + _below(state, n_zeros[g])
                 i = ones[a]
                 j = zeros[b]
                 delta = 2.0 * (F[j] - F[i]) + diag[i] + diag[j] - 2.0 * Q[i, j]
@@ -202,6 +262,8 @@ class _Run:
     betas: np.ndarray
     rng_state: np.ndarray
     best_x: np.ndarray
+    n_ones: np.ndarray
+    n_zeros: np.ndarray
     best_energy: float = math.inf
 
     def copy_from(self, other: _Run) -> None:
@@ -216,9 +278,15 @@ class _Population:
     """Runs populations of annealing runs on one problem and keeps the best state any visits."""
 
     def __init__(
-        self, problem: CardinalityQP, layout: GroupLayout, deadline: float | None, workers: int | None
+        self,
+        problem: CardinalityQP,
+        layout: GroupLayout,
+        window: float,
+        deadline: float | None,
+        workers: int | None,
     ) -> None:
-        self.problem, self.layout, self.deadline = problem, layout, deadline
+        self.problem, self.layout, self.window, self.deadline = problem, layout, window, deadline
+        self.stage_moves = max(1, -(-layout.movable.size // _STAGES_PER_SWEEP))
         self.diag = np.ascontiguousarray(np.diag(problem.Q))
         self.best_x: np.ndarray | None = None
         self.best_energy = math.inf
@@ -233,7 +301,8 @@ class _Population:
     def run(
         self, starts: list[tuple[np.ndarray, np.ndarray]], seeds: np.random.SeedSequence, steps: int
     ) -> float:
-        """Anneal one run per ``(x, betas)``, selecting ``steps - 1`` times; return its best energy.
+        """Anneal one run per ``(x, betas)`` (one stage per beta), selecting ``steps - 1`` times;
+        return the best energy these runs reach.
 
         Energies here leave out the problem's offset. The best state of every call is kept in
         ``best_x``/``best_energy``.
@@ -248,20 +317,20 @@ class _Population:
                 self.best_x, self.best_energy = run.x.copy(), run.energy
         if self.timed_out:
             return own_best
-        n_sweeps = runs[0].betas.size
-        steps = min(steps, n_sweeps)
-        bounds = np.linspace(0, n_sweeps, steps + 1).round().astype(np.int64)
-        # Time is checked between chunks of sweeps, never inside the compiled loop.
-        chunk = n_sweeps if self.deadline is None else max(1, int(2e5 // max(layout.movable.size, 1)))
+        n_stages = runs[0].betas.size
+        steps = min(steps, n_stages)
+        bounds = np.linspace(0, n_stages, steps + 1).round().astype(np.int64)
+        # Time is checked between chunks of stages, never inside the compiled loop.
+        chunk = n_stages if self.deadline is None else max(1, int(2e5 // self.stage_moves))
 
         def advance(run: _Run, lo: int, hi: int) -> bool:
             run.best_energy = math.inf
             for offset in range(lo, hi, chunk):
                 run.energy, run.best_energy = _anneal_kernel(
                     problem.Q, self.diag, run.x, run.field, run.energy,
-                    run.betas[offset : min(offset + chunk, hi)], layout.movable, layout.group_of,
-                    run.ones, run.zeros, layout.start, layout.ks, layout.size, run.best_x,
-                    run.best_energy, run.rng_state,
+                    run.betas[offset : min(offset + chunk, hi)], self.stage_moves, self.window,
+                    layout.movable, layout.group_of, run.ones, run.zeros, layout.start, layout.ks,
+                    layout.size, run.n_ones, run.n_zeros, run.best_x, run.best_energy, run.rng_state,
                 )
                 if self.deadline is not None and time.perf_counter() > self.deadline:
                     return False
@@ -299,6 +368,8 @@ class _Population:
         return _Run(
             x=x, field=field, ones=ones, zeros=zeros, energy=float(x @ field), betas=betas,
             rng_state=np.array([seed], dtype=np.uint64), best_x=x.copy(),
+            n_ones=np.zeros(self.layout.start.size, dtype=np.int64),
+            n_zeros=np.zeros(self.layout.start.size, dtype=np.int64),
         )
 
 
@@ -328,7 +399,8 @@ class AnnealSolver(Solver):
     while hot). The runs form a population (see the module docstring).
 
     Settings:
-        num_sweeps: sweeps per run (one sweep = one proposal per movable variable).
+        num_sweeps: sweeps per run (one sweep = as many proposals as movable variables, in
+            four temperature stages).
         num_restarts: runs in the population; the best state any of them visits is returned.
         random_restarts: how many runs start from a random state when ``initial_state`` is given
             (0 to ``num_restarts``).
@@ -343,10 +415,14 @@ class AnnealSolver(Solver):
             whose runs end lowest, and the population uses it. The scale around the warm start
             suits n = 1024 Fisher blocks (heat 1) but is far too cold for n <= 512, where heat
             10-30 ends 1-6 % lower. Each value costs the pilot about 2 % of the main run's proposals.
+        focus_window: draw swaps only among candidates within this many kT of their group's
+            cheapest move (module docstring); ``None``: uniform pairs (plain annealing). Smaller
+            is greedier; at 32 x 190 sweeps on the problems above, 4 ended 0.01 % and 9 0.03 % higher
+            than 6 on average.
         num_workers: threads running the population (the kernel releases the GIL); ``None``: one
             per CPU. Results do not depend on it.
         time_limit_s: wall-time cap (``None``: none); the best state so far is returned when it
-            hits (checked between segments and chunks of sweeps).
+            hits (checked between segments and chunks of stages).
 
     Example:
         >>> import numpy as np
@@ -358,11 +434,12 @@ class AnnealSolver(Solver):
 
     name = "anneal"
     parameters = {
-        "num_sweeps": 750,
-        "num_restarts": 32,
+        "num_sweeps": 125,
+        "num_restarts": 48,
         "random_restarts": 0,
         "population_steps": 60,
         "warm_heats": (1.0, 10.0, 30.0),
+        "focus_window": 6.0,
         "beta_range": None,
         "warm_beta_range": None,
         "num_workers": None,
@@ -382,6 +459,11 @@ class AnnealSolver(Solver):
             )
         if params["num_workers"] is not None:
             check_positive_int("num_workers", params["num_workers"])
+        window = params["focus_window"]
+        if window is not None and not (
+            isinstance(window, (int, float)) and not isinstance(window, bool) and window > 0 and not math.isnan(window)
+        ):
+            raise ValueError(f"'focus_window' should be None or a positive number; got {window!r}")
         heats = params["warm_heats"]
         if (
             not isinstance(heats, (tuple, list))
@@ -415,7 +497,9 @@ class AnnealSolver(Solver):
         layout = group_layout(problem)
         n_runs = self.params["num_restarts"]
         n_warm = 0 if initial_state is None else n_runs - self.params["random_restarts"]
-        n_sweeps = self.params["num_sweeps"]
+        n_stages = self.params["num_sweeps"] * _STAGES_PER_SWEEP
+        window = self.params["focus_window"]
+        window = math.inf if window is None else float(window)
         schedules = {}
         if n_warm < n_runs:
             schedules["random"] = self.params["beta_range"] or beta_range(problem, seed=seed)
@@ -424,25 +508,25 @@ class AnnealSolver(Solver):
                 problem, initial_state, seed=seed
             )
         seeds = np.random.SeedSequence(seed)
-        population = _Population(problem, layout, deadline, self.params["num_workers"])
+        population = _Population(problem, layout, window, deadline, self.params["num_workers"])
         heats = self.params["warm_heats"]
-        chosen = 1.0
+        chosen = heats[0] if self.params["warm_beta_range"] is None else 1.0
         pilot: dict[float, float] = {}
         try:
             if n_warm and len(heats) > 1 and self.params["warm_beta_range"] is None:
                 # Pilot: a few short independent runs per heat; the full population then uses the
                 # heat whose pilot reached the lowest energy (ties go to the first listed).
                 hot, cold = schedules["warm"]
-                pilot_sweeps = max(1, n_sweeps // 4)
+                pilot_stages = max(1, n_stages // 4)
                 for heat in heats:
-                    betas = np.geomspace(hot / heat, cold / heat, pilot_sweeps)
+                    betas = np.geomspace(hot / heat, cold / heat, pilot_stages)
                     starts = [(initial_state.copy(), betas) for _ in range(_PILOT_RUNS)]
                     pilot[heat] = population.run(starts, seeds.spawn(1)[0], 1)
                 chosen = min(heats, key=lambda heat: pilot[heat])
             starts = []
             run_seeds = seeds.spawn(1)[0]
             rngs = [np.random.default_rng(child) for child in run_seeds.spawn(n_runs)]
-            betas = {key: np.geomspace(hot, cold, n_sweeps) for key, (hot, cold) in schedules.items()}
+            betas = {key: np.geomspace(hot, cold, n_stages) for key, (hot, cold) in schedules.items()}
             for index in range(n_runs):
                 if index < n_warm:
                     starts.append((initial_state.copy(), betas["warm"] / chosen))

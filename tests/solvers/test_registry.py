@@ -46,6 +46,8 @@ def test_registry_from_config_both_layouts():
         ("anneal", {"warm_heats": [1.0, -2.0]}, "'warm_heats' should be a non-empty list of positive numbers"),
         ("anneal", {"random_restarts": 5, "num_restarts": 4}, "'random_restarts' should be at most num_restarts=4"),
         ("anneal", {"population_steps": 0}, "'population_steps' should be a positive int; got 0"),
+        ("anneal", {"focus_window": 0}, "'focus_window' should be None or a positive number; got 0"),
+        ("anneal", {"focus_window": "wide"}, "'focus_window' should be None or a positive number"),
         ("cpsat", {"time_limit_s": -1}, "'time_limit_s' should be a positive float or None; got -1"),
         ("exhaustive", {"max_variables": 0}, "'max_variables' should be a positive int; got 0"),
         ("iobs", {"variant": "best"}, "'variant' should be 'practical' or 'optimal'; got 'best'"),
