@@ -390,6 +390,13 @@ def _buffers(x: np.ndarray, layout: GroupLayout) -> tuple[np.ndarray, np.ndarray
     return ones, zeros
 
 
+def _is_positive_number(value: Any) -> bool:
+    """A finite positive int or float (not a bool)."""
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+
+
 class AnnealSolver(Solver):
     """Simulated annealing with swap moves that keep every cardinality constraint.
 
@@ -467,9 +474,7 @@ class AnnealSolver(Solver):
         if params["num_workers"] is not None:
             check_positive_int("num_workers", params["num_workers"])
         window = params["focus_window"]
-        if window is not None and not (
-            isinstance(window, (int, float)) and not isinstance(window, bool) and window > 0 and not math.isnan(window)
-        ):
+        if window is not None and not (_is_positive_number(window) or window == math.inf):
             raise ValueError(f"'focus_window' should be None or a positive number; got {window!r}")
         heats = params["warm_heats"]
         if heats is None:
@@ -477,10 +482,7 @@ class AnnealSolver(Solver):
         elif (
             not isinstance(heats, (tuple, list))
             or not heats
-            or not all(
-                isinstance(h, (int, float)) and not isinstance(h, bool) and math.isfinite(h) and h > 0
-                for h in heats
-            )
+            or not all(_is_positive_number(h) for h in heats)
         ):
             raise ValueError(
                 f"'warm_heats' should be None or a non-empty list of positive numbers; got {heats!r}"

@@ -126,20 +126,20 @@ def test_quality_anneal_focused_pairs_beat_uniform_pairs_same_sweeps():
     from solvers.generators import block_like
 
     problem, x_cur = block_like(512, seed=7)
-    params = {"num_sweeps": 60, "num_restarts": 8}
-    focused = [get_solver("anneal", **params).solve(problem, initial_state=x_cur, seed=s).energy for s in range(3)]
-    uniform = [
-        get_solver("anneal", focus_window=None, **params).solve(problem, initial_state=x_cur, seed=s).energy
-        for s in range(3)
-    ]
-    assert np.mean(focused) < np.mean(uniform) - 0.005 * abs(np.mean(uniform))
+    def mean_energy(window):
+        solver = get_solver("anneal", focus_window=window, num_sweeps=60, num_restarts=8)
+        return np.mean([solver.solve(problem, initial_state=x_cur, seed=s).energy for s in range(3)])
+
+    focused, uniform = mean_energy(6.0), mean_energy(None)
+    assert focused < uniform - 0.005 * abs(uniform)
 
 
 def test_quality_anneal_single_warm_heat_is_used_without_pilot():
     from solvers.generators import block_like
 
     problem, x_cur = block_like(64, seed=1)
-    solution = get_solver("anneal", warm_heats=[3.0], num_sweeps=20).solve(problem, initial_state=x_cur, seed=0)
+    solver = get_solver("anneal", warm_heats=[3.0], num_sweeps=20)
+    solution = solver.solve(problem, initial_state=x_cur, seed=0)
     assert solution.info["warm_heat"] == 3.0
     assert solution.info["pilot_energies"] == {}
 
