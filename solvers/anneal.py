@@ -71,6 +71,8 @@ _PILOT_RUNS = 2
 # Default pilot heats, and the size above which a colder one is tried too (AnnealSolver).
 _WARM_HEATS = (1.0, 10.0, 30.0)
 _COLD_HEAT_ABOVE = 1536
+# Relative drop of the best energy that counts as progress for the ``patience`` stop.
+_IMPROVEMENT = 1e-9
 # Temperature stages per sweep; a focused run picks its candidates at the start of each stage.
 _STAGES_PER_SWEEP = 4
 
@@ -294,6 +296,7 @@ class _Population:
         self.best_x: np.ndarray | None = None
         self.best_energy = math.inf
         self.timed_out = False
+        self.stopped_after: float | None = None
         workers = workers or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
 
@@ -302,10 +305,16 @@ class _Population:
             self.pool.shutdown()
 
     def run(
-        self, starts: list[tuple[np.ndarray, np.ndarray]], seeds: np.random.SeedSequence, steps: int
+        self,
+        starts: list[tuple[np.ndarray, np.ndarray]],
+        seeds: np.random.SeedSequence,
+        steps: int,
+        patience: int | None = None,
     ) -> float:
         """Anneal one run per ``(x, betas)`` (one stage per beta), selecting ``steps - 1`` times;
-        return the best energy these runs reach.
+        return the best energy these runs reach. With ``patience``, stop once that many segments
+        in a row have not lowered the best energy (``stopped_after`` records the share of the
+        schedule that ran).
 
         Energies here leave out the problem's offset. The best state of every call is kept in
         ``best_x``/``best_energy``.
@@ -339,8 +348,10 @@ class _Population:
                     return False
             return True
 
+        stalled = 0
         for step in range(steps):
             lo, hi = int(bounds[step]), int(bounds[step + 1])
+            previous = own_best
             if self.pool is None:
                 finished = [advance(run, lo, hi) for run in runs]
             else:
@@ -351,6 +362,10 @@ class _Population:
                     self.best_x, self.best_energy = run.best_x.copy(), run.best_energy
             if not all(finished):
                 self.timed_out = True
+                break
+            stalled = 0 if own_best < previous - _IMPROVEMENT * abs(previous) else stalled + 1
+            if patience is not None and stalled >= patience and step < steps - 1:
+                self.stopped_after = (step + 1) / steps
                 break
             if step < steps - 1:
                 self._select(runs)
@@ -433,6 +448,12 @@ class AnnealSolver(Solver):
             cheapest move (module docstring); ``None``: uniform pairs (plain annealing). Smaller
             is greedier; at 32 x 190 sweeps on the problems above, 4 ended 0.01 % and 9 0.03 % higher
             than 6 on average.
+        patience: stop the population once this share of its segments in a row has not
+            lowered the best energy (``None``: always run the whole schedule); ``stopped_after``
+            in the info says which share of the schedule ran. On block-like n = 1024 problems
+            the best energy keeps dropping until late, so 0.25 never stops them (same answers
+            as ``None`` on the ten benchmark instances). On real SmolLM2 blocks, which a swap
+            descent already solves, it stopped two of six at 35 % and 63 % of the schedule.
         num_workers: threads running the population (the kernel releases the GIL); ``None``: one
             per CPU. Results do not depend on it.
         time_limit_s: wall-time cap (``None``: none); the best state so far is returned when it
@@ -454,6 +475,7 @@ class AnnealSolver(Solver):
         "population_steps": 60,
         "warm_heats": None,
         "focus_window": 6.0,
+        "patience": 0.25,
         "beta_range": None,
         "warm_beta_range": None,
         "num_workers": None,
@@ -473,6 +495,9 @@ class AnnealSolver(Solver):
             )
         if params["num_workers"] is not None:
             check_positive_int("num_workers", params["num_workers"])
+        patience = params["patience"]
+        if patience is not None and not (_is_positive_number(patience) and patience <= 1):
+            raise ValueError(f"'patience' should be None or a number in (0, 1]; got {patience!r}")
         window = params["focus_window"]
         if window is not None and not (_is_positive_number(window) or window == math.inf):
             raise ValueError(f"'focus_window' should be None or a positive number; got {window!r}")
@@ -548,7 +573,9 @@ class AnnealSolver(Solver):
                     starts.append((initial_state.copy(), betas["warm"] / chosen))
                 else:
                     starts.append((feasible_start(problem, rngs[index]), betas["random"]))
-            population.run(starts, run_seeds, self.params["population_steps"])
+            steps, patience = self.params["population_steps"], self.params["patience"]
+            patience_steps = None if patience is None else max(1, math.ceil(patience * steps))
+            population.run(starts, run_seeds, steps, patience_steps)
         finally:
             population.close()
         polished, _ = swap_descent(problem, population.best_x, layout=layout)
@@ -561,5 +588,6 @@ class AnnealSolver(Solver):
             "warm_heat": chosen if n_warm else None,
             "pilot_energies": {heat: energy + problem.offset for heat, energy in pilot.items()},
             "timed_out": population.timed_out,
+            "stopped_after": population.stopped_after,
         }
         return polished, info

@@ -144,6 +144,23 @@ def test_quality_anneal_single_warm_heat_is_used_without_pilot():
     assert solution.info["pilot_energies"] == {}
 
 
+def test_quality_anneal_stops_early_once_the_best_energy_stalls():
+    # A separable problem is solved within the first segments; with the default patience the
+    # population stops well before the end of its schedule and still returns the optimum
+    # (the k smallest diagonal entries selected).
+    from solvers import CardinalityQP
+
+    diagonal = np.random.default_rng(0).normal(size=256)
+    problem = CardinalityQP(np.diag(diagonal), [(np.arange(256), 128)])
+    x_start = np.zeros(256, dtype=np.int8)
+    x_start[:128] = 1
+    solution = get_solver("anneal").solve(problem, initial_state=x_start, seed=0)
+    assert solution.info["stopped_after"] is not None and solution.info["stopped_after"] < 0.75
+    assert solution.energy == pytest.approx(np.sort(diagonal)[:128].sum(), rel=1e-12)
+    full = get_solver("anneal", patience=None).solve(problem, initial_state=x_start, seed=0)
+    assert full.info["stopped_after"] is None
+
+
 def test_quality_anneal_same_answer_for_any_worker_count():
     from solvers.generators import block_like
 

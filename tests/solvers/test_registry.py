@@ -47,6 +47,7 @@ def test_registry_from_config_both_layouts():
         ("anneal", {"random_restarts": 5, "num_restarts": 4}, "'random_restarts' should be at most num_restarts=4"),
         ("anneal", {"population_steps": 0}, "'population_steps' should be a positive int; got 0"),
         ("anneal", {"focus_window": 0}, "'focus_window' should be None or a positive number; got 0"),
+        ("anneal", {"patience": 1.5}, "'patience' should be None or a number in \\(0, 1\\]; got 1.5"),
         ("anneal", {"focus_window": "wide"}, "'focus_window' should be None or a positive number"),
         ("cpsat", {"time_limit_s": -1}, "'time_limit_s' should be a positive float or None; got -1"),
         ("exhaustive", {"max_variables": 0}, "'max_variables' should be a positive int; got 0"),
