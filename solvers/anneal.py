@@ -47,7 +47,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from solvers.base import Solver, check_positive_int, feasible_start
+from solvers.base import Solver, check_positive_int, feasible_start, is_positive_number
 from solvers.local_search import GroupLayout, group_layout, swap_descent
 from solvers.problems import CardinalityQP
 
@@ -321,7 +321,15 @@ class _Population:
         """
         problem, layout = self.problem, self.layout
         run_seeds = seeds.generate_state(len(starts), dtype=np.uint64)
-        runs = [self._start(x, betas, int(s)) for (x, betas), s in zip(starts, run_seeds)]
+        # The runs mostly share one start (the warm start): one O(n^2) field per distinct state.
+        fields: dict[bytes, np.ndarray] = {}
+        for x, _ in starts:
+            if x.tobytes() not in fields:
+                fields[x.tobytes()] = problem.Q @ x.astype(np.float64)
+        runs = [
+            self._start(x, fields[x.tobytes()].copy(), betas, int(s))
+            for (x, betas), s in zip(starts, run_seeds)
+        ]
         own_best = math.inf
         for run in runs:
             own_best = min(own_best, run.energy)
@@ -379,10 +387,10 @@ class _Population:
         for rank, index in enumerate(order[keep:]):
             runs[index].copy_from(runs[order[rank % keep]])
 
-    def _start(self, x: np.ndarray, betas: np.ndarray, seed: int) -> _Run:
-        """A run at ``x`` on schedule ``betas`` with a random stream seeded by ``seed``."""
+    def _start(self, x: np.ndarray, field: np.ndarray, betas: np.ndarray, seed: int) -> _Run:
+        """A run at ``x`` (local field ``field``, owned by the run) on schedule ``betas`` with a
+        random stream seeded by ``seed``."""
         ones, zeros = _buffers(x, self.layout)
-        field = self.problem.Q @ x.astype(np.float64)
         return _Run(
             x=x, field=field, ones=ones, zeros=zeros, energy=float(x @ field), betas=betas,
             rng_state=np.array([seed], dtype=np.uint64), best_x=x.copy(),
@@ -403,13 +411,6 @@ def _buffers(x: np.ndarray, layout: GroupLayout) -> tuple[np.ndarray, np.ndarray
         ones[lo : lo + selected.size] = selected
         zeros[lo : lo + unselected.size] = unselected
     return ones, zeros
-
-
-def _is_positive_number(value: Any) -> bool:
-    """A finite positive int or float (not a bool)."""
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
 
 
 class AnnealSolver(Solver):
@@ -496,23 +497,17 @@ class AnnealSolver(Solver):
         if params["num_workers"] is not None:
             check_positive_int("num_workers", params["num_workers"])
         patience = params["patience"]
-        if patience is not None and not (_is_positive_number(patience) and patience <= 1):
+        if patience is not None and not (is_positive_number(patience) and patience <= 1):
             raise ValueError(f"'patience' should be None or a number in (0, 1]; got {patience!r}")
         window = params["focus_window"]
-        if window is not None and not (_is_positive_number(window) or window == math.inf):
+        if window is not None and not (is_positive_number(window) or window == math.inf):
             raise ValueError(f"'focus_window' should be None or a positive number; got {window!r}")
         heats = params["warm_heats"]
-        if heats is None:
-            pass
-        elif (
-            not isinstance(heats, (tuple, list))
-            or not heats
-            or not all(_is_positive_number(h) for h in heats)
-        ):
-            raise ValueError(
-                f"'warm_heats' should be None or a non-empty list of positive numbers; got {heats!r}"
-            )
-        else:
+        if heats is not None:
+            if not (isinstance(heats, (tuple, list)) and heats and all(is_positive_number(h) for h in heats)):
+                raise ValueError(
+                    f"'warm_heats' should be None or a non-empty list of positive numbers; got {heats!r}"
+                )
             params["warm_heats"] = tuple(float(h) for h in heats)
         for key in ("beta_range", "warm_beta_range"):
             betas = params[key]
@@ -521,7 +516,7 @@ class AnnealSolver(Solver):
             valid = (
                 isinstance(betas, (tuple, list))
                 and len(betas) == 2
-                and all(isinstance(b, (int, float)) and math.isfinite(b) and b > 0 for b in betas)
+                and all(is_positive_number(b) for b in betas)
                 and betas[0] <= betas[1]
             )
             if not valid:

@@ -37,7 +37,7 @@ import numpy as np
 from solvers.exceptions import InfeasibleProblemError
 from solvers.problems import CardinalityQP
 
-__all__ = ["Solution", "Solver", "feasible_start", "check_positive_int", "check_positive_float"]
+__all__ = ["Solution", "Solver", "feasible_start", "check_positive_int", "check_positive_float", "is_positive_number"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +70,21 @@ def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> in
     return int(value)
 
 
+def is_positive_number(value: Any) -> bool:
+    """Whether ``value`` is a finite positive int or float (numpy scalars included, bools not)."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float, np.integer, np.floating))
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
 def check_positive_float(name: str, value: Any, *, allow_none: bool = False) -> float | None:
     """Return ``value`` as a float (or ``None`` when allowed) or raise ``ValueError``."""
     if value is None and allow_none:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_positive_number(value):
         suffix = " or None" if allow_none else ""
         raise ValueError(f"'{name}' should be a positive float{suffix}; got {value!r}")
     return float(value)
