@@ -255,28 +255,47 @@ def beta_range(
     return hot, max(math.log(100.0) / small, hot)
 
 
+@numba.njit(cache=True, nogil=True)
+def _anneal_runs(
+    runs, lo, hi, Q, diag, X, F, energy, betas, stage_moves, window, movable, group_of, ones,
+    zeros, start, ks, size, n_ones, n_zeros, best_x, best_energy, states,
+):  # pragma: no cover - compiled
+    # Stages lo:hi of every run listed in ``runs`` (rows of the stacked arrays, see _Runs): one
+    # compiled call per batch instead of one Python call per run and segment.
+    for r in runs:
+        energy[r], best_energy[r] = _anneal_kernel(
+            Q, diag, X[r], F[r], energy[r], betas[r, lo:hi], stage_moves, window, movable,
+            group_of, ones[r], zeros[r], start, ks, size, n_ones[r], n_zeros[r], best_x[r],
+            best_energy[r], states[r : r + 1],
+        )
+
+
 @dataclasses.dataclass
-class _Run:
-    """One member of the population: its state, local field, group buffers and random stream."""
+class _Runs:
+    """The population's runs, one row each: state, local field, group buffers, energies,
+    schedule and random stream (one uint64)."""
 
     x: np.ndarray
     field: np.ndarray
     ones: np.ndarray
     zeros: np.ndarray
-    energy: float
+    energy: np.ndarray
     betas: np.ndarray
-    rng_state: np.ndarray
+    states: np.ndarray
     best_x: np.ndarray
+    best_energy: np.ndarray
     n_ones: np.ndarray
     n_zeros: np.ndarray
-    best_energy: float = math.inf
 
-    def copy_from(self, other: _Run) -> None:
-        """Continue from ``other``'s state (and schedule), keeping this run's random stream."""
-        for name in ("x", "field", "ones", "zeros"):
-            getattr(self, name)[:] = getattr(other, name)
-        self.energy = other.energy
-        self.betas = other.betas
+    def select(self) -> None:
+        """Truncation selection: the worst quarter continue from copies of the best runs (each
+        keeps its own random stream)."""
+        order = np.argsort(self.energy, kind="stable")
+        keep = self.energy.size - int(self.energy.size * _REPLACED_FRACTION)
+        losers = order[keep:]
+        winners = order[np.arange(losers.size) % keep]
+        for array in (self.x, self.field, self.ones, self.zeros, self.energy, self.betas):
+            array[losers] = array[winners]
 
 
 class _Population:
@@ -297,8 +316,8 @@ class _Population:
         self.best_energy = math.inf
         self.timed_out = False
         self.stopped_after: float | None = None
-        workers = workers or os.cpu_count() or 1
-        self.pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+        self.workers = workers or os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(max_workers=self.workers) if self.workers > 1 else None
 
     def close(self) -> None:
         if self.pool is not None:
@@ -311,46 +330,39 @@ class _Population:
         steps: int,
         patience: int | None = None,
     ) -> float:
-        """Anneal one run per ``(x, betas)`` (one stage per beta), selecting ``steps - 1`` times;
-        return the best energy these runs reach. With ``patience``, stop once that many segments
-        in a row have not lowered the best energy (``stopped_after`` records the share of the
-        schedule that ran).
+        """Anneal one run per ``(x, betas)`` (one stage per beta, the same count for all),
+        selecting ``steps - 1`` times; return the best energy these runs reach. With
+        ``patience``, stop once that many segments in a row have not lowered the best energy
+        (``stopped_after`` records the share of the schedule that ran).
 
         Energies here leave out the problem's offset. The best state of every call is kept in
         ``best_x``/``best_energy``.
         """
-        problem, layout = self.problem, self.layout
-        run_seeds = seeds.generate_state(len(starts), dtype=np.uint64)
-        # The runs mostly share one start (the warm start): one O(n^2) field per distinct state.
-        fields: dict[bytes, np.ndarray] = {}
-        for x, _ in starts:
-            if x.tobytes() not in fields:
-                fields[x.tobytes()] = problem.Q @ x.astype(np.float64)
-        runs = [
-            self._start(x, fields[x.tobytes()].copy(), betas, int(s))
-            for (x, betas), s in zip(starts, run_seeds)
-        ]
-        own_best = math.inf
-        for run in runs:
-            own_best = min(own_best, run.energy)
-            if run.energy < self.best_energy:
-                self.best_x, self.best_energy = run.x.copy(), run.energy
+        runs = self._start(starts, seeds)
+        own_best = float(runs.energy.min())
+        self._keep_best(runs.x, runs.energy)
         if self.timed_out:
             return own_best
-        n_stages = runs[0].betas.size
+        n_stages = runs.betas.shape[1]
         steps = min(steps, n_stages)
         bounds = np.linspace(0, n_stages, steps + 1).round().astype(np.int64)
-        # Time is checked between chunks of stages, never inside the compiled loop.
-        chunk = n_stages if self.deadline is None else max(1, int(2e5 // self.stage_moves))
+        # A few batches per worker balance the load; time is checked between chunks of stages
+        # (about 2e5 proposals per batch), never inside the compiled loop.
+        batches = np.array_split(np.arange(len(starts)), min(len(starts), 2 * self.workers))
+        layout = self.layout
 
-        def advance(run: _Run, lo: int, hi: int) -> bool:
-            run.best_energy = math.inf
+        def advance(batch: np.ndarray, lo: int, hi: int) -> bool:
+            runs.best_energy[batch] = math.inf
+            chunk = hi - lo
+            if self.deadline is not None:
+                chunk = max(1, int(2e5 // (self.stage_moves * batch.size)))
             for offset in range(lo, hi, chunk):
-                run.energy, run.best_energy = _anneal_kernel(
-                    problem.Q, self.diag, run.x, run.field, run.energy,
-                    run.betas[offset : min(offset + chunk, hi)], self.stage_moves, self.window,
-                    layout.movable, layout.group_of, run.ones, run.zeros, layout.start, layout.ks,
-                    layout.size, run.n_ones, run.n_zeros, run.best_x, run.best_energy, run.rng_state,
+                _anneal_runs(
+                    batch, offset, min(offset + chunk, hi), self.problem.Q, self.diag, runs.x,
+                    runs.field, runs.energy, runs.betas, self.stage_moves, self.window,
+                    layout.movable, layout.group_of, runs.ones, runs.zeros, layout.start,
+                    layout.ks, layout.size, runs.n_ones, runs.n_zeros, runs.best_x,
+                    runs.best_energy, runs.states,
                 )
                 if self.deadline is not None and time.perf_counter() > self.deadline:
                     return False
@@ -361,13 +373,11 @@ class _Population:
             lo, hi = int(bounds[step]), int(bounds[step + 1])
             previous = own_best
             if self.pool is None:
-                finished = [advance(run, lo, hi) for run in runs]
+                finished = [advance(batch, lo, hi) for batch in batches]
             else:
-                finished = list(self.pool.map(lambda run: advance(run, lo, hi), runs))
-            for run in runs:
-                own_best = min(own_best, run.best_energy)
-                if run.best_energy < self.best_energy:
-                    self.best_x, self.best_energy = run.best_x.copy(), run.best_energy
+                finished = list(self.pool.map(lambda batch: advance(batch, lo, hi), batches))
+            own_best = min(own_best, float(runs.best_energy.min()))
+            self._keep_best(runs.best_x, runs.best_energy)
             if not all(finished):
                 self.timed_out = True
                 break
@@ -376,26 +386,35 @@ class _Population:
                 self.stopped_after = (step + 1) / steps
                 break
             if step < steps - 1:
-                self._select(runs)
+                runs.select()
         return own_best
 
-    @staticmethod
-    def _select(runs: list[_Run]) -> None:
-        """Truncation selection: the worst quarter continue from copies of the best runs."""
-        order = sorted(range(len(runs)), key=lambda index: (runs[index].energy, index))
-        keep = len(runs) - int(len(runs) * _REPLACED_FRACTION)
-        for rank, index in enumerate(order[keep:]):
-            runs[index].copy_from(runs[order[rank % keep]])
+    def _keep_best(self, states: np.ndarray, energies: np.ndarray) -> None:
+        best = int(np.argmin(energies))
+        if energies[best] < self.best_energy:
+            self.best_x, self.best_energy = states[best].copy(), float(energies[best])
 
-    def _start(self, x: np.ndarray, field: np.ndarray, betas: np.ndarray, seed: int) -> _Run:
-        """A run at ``x`` (local field ``field``, owned by the run) on schedule ``betas`` with a
-        random stream seeded by ``seed``."""
-        ones, zeros = _buffers(x, self.layout)
-        return _Run(
-            x=x, field=field, ones=ones, zeros=zeros, energy=float(x @ field), betas=betas,
-            rng_state=np.array([seed], dtype=np.uint64), best_x=x.copy(),
-            n_ones=np.zeros(self.layout.start.size, dtype=np.int64),
-            n_zeros=np.zeros(self.layout.start.size, dtype=np.int64),
+    def _start(self, starts: list[tuple[np.ndarray, np.ndarray]], seeds: np.random.SeedSequence) -> _Runs:
+        """The runs at ``starts`` with random streams seeded from ``seeds``."""
+        x = np.stack([state for state, _ in starts])
+        # The runs mostly share one start (the warm start): one O(n^2) field per distinct state.
+        fields: dict[bytes, np.ndarray] = {}
+        field = np.empty(x.shape)
+        for row, state in enumerate(x):
+            key = state.tobytes()
+            if key not in fields:
+                fields[key] = self.problem.Q @ state.astype(np.float64)
+            field[row] = fields[key]
+        buffers = [_buffers(state, self.layout) for state in x]
+        n_groups = self.layout.start.size
+        return _Runs(
+            x=x, field=field, ones=np.stack([ones for ones, _ in buffers]),
+            zeros=np.stack([zeros for _, zeros in buffers]),
+            energy=np.array([state @ row for state, row in zip(x, field)]), betas=np.stack([betas for _, betas in starts]),
+            states=seeds.generate_state(len(starts), dtype=np.uint64), best_x=x.copy(),
+            best_energy=np.full(len(starts), math.inf),
+            n_ones=np.zeros((len(starts), n_groups), dtype=np.int64),
+            n_zeros=np.zeros((len(starts), n_groups), dtype=np.int64),
         )
 
 
