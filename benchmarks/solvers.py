@@ -49,8 +49,8 @@ SOLVERS: list[tuple[str, dict, int, tuple[str, ...]]] = [
     ("obs", {}, 1024, ("block",)),
     ("iobs", {}, 1024, ("block",)),
 ]
-# The best-known energy: the best of two long population anneals (each about 21 times the
-# default's proposals: 128 runs x 1000 sweeps against 48 x 125) and of every solver in the run.
+# The best-known energy: the best of two long population anneals (each about 17 times the
+# default's proposals: 128 runs x 1000 sweeps against 96 x 80) and of every solver in the run.
 # Long runs differ from each other by up to about 0.1 % on block-like n = 1024 problems, so a
 # single one is not a trustworthy "best known".
 REFERENCE_PARAMS = {"num_restarts": 128, "num_sweeps": 1000}
