@@ -70,6 +70,9 @@ DESCRIPTIONS: dict[str, str] = {
     "bcd.max_epochs": "stop after this many passes over the layer schedule",
     "bcd.min_steps_per_layer": "minimum steps per layer in a pass",
     "bcd.blocks_per_round": "blocks (in different layers) solved from one derivative estimate",
+    "bcd.check": "where a round must not raise the loss or is undone: `calibration` (every calibration "
+    "sample; the calibration loss never rises), `fresh` (a random batch apart from the one the moves "
+    "were fitted on), `batch` (the fitting batch: cheapest, but the loss drifts up late in long runs)",
     "bcd.workers": "parallel block solves",
     "bcd.reconstruct": "refit kept weights by damped least squares at the end",
     "bcd.reconstruct_damping": "damping of that refit",

@@ -229,6 +229,8 @@ class _Driver:
         self.epoch_accepted = 0
         self.n_accepted = 0
         self.n_undone_rounds = 0
+        # The calibration loss at the current masks (bcd.check='calibration'), None when unknown.
+        self._check_loss: float | None = None
         self.elapsed_before = 0.0
         self.history: list[dict[str, Any]] = []
         self.evaluations: list[dict[str, Any]] = []
@@ -460,11 +462,31 @@ class _Driver:
             self._maybe_evaluate()
         logger.info("stopped (%s) after %d steps, %d accepted", self.stop_reason, self.step, self.n_accepted)
 
-    def _step_batch(self, first_step: int) -> dict[str, Tensor]:
+    def _step_indices(self, first_step: int) -> np.ndarray:
         n = min(self.cfg.derivatives.n_samples, self.n_all)
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, first_step, 2])
-        idx = np.sort(rng.choice(self.n_all, size=n, replace=False))
+        return np.sort(rng.choice(self.n_all, size=n, replace=False))
+
+    def _samples(self, idx: np.ndarray) -> dict[str, Tensor]:
         return batch_to(index_batch(self.all_samples, torch.as_tensor(idx, dtype=torch.long)), self.device)
+
+    def _step_batch(self, first_step: int) -> dict[str, Tensor]:
+        return self._samples(self._step_indices(first_step))
+
+    def _check_batches(self, first_step: int, batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        """The samples a round is checked on (``bcd.check``): a fresh batch of the step batch's size
+        drawn from the other calibration samples (from all when too few are left), every
+        calibration sample, or the step batch itself."""
+        mode = self.cfg.bcd.check
+        if mode == "batch":
+            return [batch]
+        if mode == "calibration":
+            return self._device_batches()
+        fitted = self._step_indices(first_step)
+        others = np.setdiff1d(np.arange(self.n_all), fitted)
+        pool = others if others.size >= fitted.size else np.arange(self.n_all)
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, first_step, 3])
+        return [self._samples(np.sort(rng.choice(pool, size=fitted.size, replace=False)))]
 
     def _selection_scores(self, names: list[str], batch: dict[str, Tensor], first_step: int) -> dict[str, Tensor]:
         method = self.cfg.scoring.selection_method
@@ -572,10 +594,18 @@ class _Driver:
         # The estimating pass measured the batch loss at the current weights. With that for free, every
         # round (one block or many) is checked against the true batch loss, not only the quadratic model;
         # multi-block rounds are checked always (their blocks' models ignore each other).
+        # With bcd.check other than "batch" the loss is measured on other samples (see _check_batches).
         before = next(iter(estimates.values())).loss if estimates else float("nan")
         check = bool(estimates) and (math.isfinite(before) or len(names) > 1)
-        if check and not math.isfinite(before):
-            before = _calibration_loss(self.model, [batch], self.loss_fn, self.device)
+        check_on = [batch]
+        if check:
+            check_on = self._check_batches(first_step, batch)
+            if self.cfg.bcd.check == "calibration":
+                if self._check_loss is None:
+                    self._check_loss = _calibration_loss(self.model, check_on, self.loss_fn, self.device)
+                before = self._check_loss
+            elif check_on[0] is not batch or not math.isfinite(before):
+                before = _calibration_loss(self.model, check_on, self.loss_fn, self.device)
         moves: list[tuple[str, Tensor, Tensor]] = []
         records: list[dict[str, Any]] = []
         for i, name in enumerate(names):
@@ -584,7 +614,9 @@ class _Driver:
             records.append(record)
             self.step += 1
         if check and moves:
-            self._check_round(before, batch, moves, records)
+            self._check_round(before, check_on, moves, records)
+        elif moves:
+            self._check_loss = None  # unchecked moves: the cached calibration loss is stale
         for record in records:
             if record["accepted"]:
                 self.n_accepted += 1
@@ -665,11 +697,13 @@ class _Driver:
         )
         return record
 
-    def _check_round(self, before: float, batch: dict[str, Tensor], moves: list[tuple[str, Tensor, Tensor]],
+    def _check_round(self, before: float, check_on: list[dict[str, Tensor]], moves: list[tuple[str, Tensor, Tensor]],
                      records: list[dict[str, Any]]) -> None:
-        """Undo a round whose moves raised the batch loss (DESIGN.md §4): the quadratic model is only local."""
-        after = _calibration_loss(self.model, [batch], self.loss_fn, self.device)
+        """Undo a round whose moves raised the loss on ``check_on`` (DESIGN.md §4): the quadratic model is only local."""
+        after = _calibration_loss(self.model, check_on, self.loss_fn, self.device)
         if after <= before:
+            if self.cfg.bcd.check == "calibration":
+                self._check_loss = after
             return
         for name, flat_index, old in reversed(moves):
             self.state.apply_move(name, flat_index, old)
@@ -680,7 +714,8 @@ class _Driver:
             if record["accepted"]:
                 record["accepted"] = False
                 record["undone"] = True
-        logger.info("round at step %d undone: batch loss rose from %.6g to %.6g", records[0]["step"], before, after)
+        logger.info("round at step %d undone: %s loss rose from %.6g to %.6g", records[0]["step"],
+                    self.cfg.bcd.check, before, after)
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> None:

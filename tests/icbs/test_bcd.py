@@ -77,8 +77,9 @@ def test_bcd_every_applied_step_improves_quadratic_model_and_keeps_invariants(
     accepted = [h for h in history if h["accepted"]]
     assert accepted, "no move accepted on a problem where init is far from optimal"
     assert all(h["predicted_delta"] < 0 for h in accepted)
-    # An exact solver answers with the block optimum: a rejected step means no improving move existed.
-    assert all(h["predicted_delta"] >= -1e-12 for h in history if not h["accepted"])
+    # An exact solver answers with the block optimum: a step it rejected (not one the loss check
+    # undid) means no improving move existed.
+    assert all(h["predicted_delta"] >= -1e-12 for h in history if not (h["accepted"] or h["undone"]))
     assert all(h["status"] == "OPTIMAL" for h in history)
     assert result.report["final_loss"] <= result.report["init_loss"]
     for name, module in layers.items():
@@ -291,3 +292,53 @@ def test_bcd_single_block_moves_that_raise_the_true_loss_are_undone(mlp_problem,
     assert all(r["predicted_delta"] < 0 for r in undone)
     # Every kept move lowered the loss on the whole calibration set, so the run never ends worse.
     assert result.report["final_loss"] <= result.report["init_loss"] + 1e-12
+
+
+def _calibration_losses_per_step(mlp_problem, make_config, check, seed):
+    """Run 60 fisher steps fitted on 8-sample batches of 64; the calibration loss after every step."""
+    model, calib, loss_fn = mlp_problem(seed=seed, n_samples=64)
+    losses = []
+
+    def record_loss(record):
+        losses.append(bcd._calibration_loss(model, calib, loss_fn, torch.device("cpu")))
+
+    cfg = make_config(derivatives={"estimator": "fisher", "n_samples": 8}, bcd={"max_steps": 60, "check": check})
+    result = icbs.prune(model, cfg, calib, loss_fn, callbacks=[record_loss])
+    return [result.report["init_loss"]] + losses, result
+
+
+def test_bcd_check_on_the_fitting_batch_lets_the_calibration_loss_rise(mlp_problem, make_config):
+    # The old check: moves fitted on a small batch and checked on it drift (seed 1 ends higher than it began).
+    losses, result = _calibration_losses_per_step(mlp_problem, make_config, "batch", seed=1)
+    assert any(b > a + 1e-12 for a, b in zip(losses, losses[1:]))
+    assert result.report["final_loss"] > result.report["init_loss"]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_bcd_check_on_calibration_never_raises_the_calibration_loss(mlp_problem, make_config, seed):
+    losses, result = _calibration_losses_per_step(mlp_problem, make_config, "calibration", seed=seed)
+    assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))
+    assert result.report["final_loss"] == pytest.approx(losses[-1], rel=1e-12)
+    if seed == 2:
+        assert result.report["final_loss"] < 0.8 * result.report["init_loss"]
+        assert result.report["undone_rounds"] >= 1
+
+
+def test_bcd_fresh_check_batch_is_apart_from_the_fitting_batch(mlp_problem, make_config, monkeypatch):
+    seen = []
+    original = bcd._Driver._check_batches
+
+    def spy(self, first_step, batch):
+        check_on = original(self, first_step, batch)
+        seen.append((batch["x"], check_on))
+        return check_on
+
+    monkeypatch.setattr(bcd._Driver, "_check_batches", spy)
+    model, calib, loss_fn = mlp_problem(n_samples=64)
+    cfg = make_config(derivatives={"estimator": "fisher", "n_samples": 8}, bcd={"max_steps": 10, "check": "fresh"})
+    icbs.prune(model, cfg, calib, loss_fn)
+    assert len(seen) >= 3  # rounds with an estimate are checked
+    for fitted, check_on in seen:
+        assert len(check_on) == 1 and check_on[0]["x"].shape == fitted.shape
+        # No calibration row is in both (rows are distinct random vectors).
+        assert not (check_on[0]["x"][:, None, :] == fitted[None, :, :]).all(-1).any()
