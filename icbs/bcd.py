@@ -473,20 +473,31 @@ class _Driver:
     def _step_batch(self, first_step: int) -> dict[str, Tensor]:
         return self._samples(self._step_indices(first_step))
 
-    def _check_batches(self, first_step: int, batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
-        """The samples a round is checked on (``bcd.check``): a fresh batch of the step batch's size
-        drawn from the other calibration samples (from all when too few are left), every
-        calibration sample, or the step batch itself."""
+    def _check_batches(
+        self, first_step: int, batch: dict[str, Tensor], batch_loss: float
+    ) -> tuple[Sequence[dict[str, Tensor]], float]:
+        """The samples a round is checked on (``bcd.check``) and the loss there before the round.
+
+        ``calibration``: every calibration sample (the loss is cached between rounds); ``fresh``: a
+        batch of the step batch's size drawn from the other calibration samples (from all when too
+        few are left); ``batch``: the step batch, whose loss ``batch_loss`` the estimating pass
+        measured (NaN when it did not).
+        """
         mode = self.cfg.bcd.check
-        if mode == "batch":
-            return [batch]
         if mode == "calibration":
-            return self._device_batches()
-        fitted = self._step_indices(first_step)
-        others = np.setdiff1d(np.arange(self.n_all), fitted)
-        pool = others if others.size >= fitted.size else np.arange(self.n_all)
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, first_step, 3])
-        return [self._samples(np.sort(rng.choice(pool, size=fitted.size, replace=False)))]
+            if self._check_loss is None:
+                self._check_loss = _calibration_loss(self.model, self.calibration, self.loss_fn, self.device)
+            return self.calibration, self._check_loss
+        if mode == "fresh":
+            fitted = self._step_indices(first_step)
+            others = np.setdiff1d(np.arange(self.n_all), fitted)
+            pool = others if others.size >= fitted.size else np.arange(self.n_all)
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, first_step, 3])
+            check_on = [self._samples(np.sort(rng.choice(pool, size=fitted.size, replace=False)))]
+            return check_on, _calibration_loss(self.model, check_on, self.loss_fn, self.device)
+        if math.isfinite(batch_loss):
+            return [batch], batch_loss
+        return [batch], _calibration_loss(self.model, [batch], self.loss_fn, self.device)
 
     def _selection_scores(self, names: list[str], batch: dict[str, Tensor], first_step: int) -> dict[str, Tensor]:
         method = self.cfg.scoring.selection_method
@@ -591,21 +602,14 @@ class _Driver:
             estimates, estimate_s = self._select_then_estimate(names, batch, first_step, blocks)
         self.timings["estimate_s"] += estimate_s
         active = list(estimates)
-        # The estimating pass measured the batch loss at the current weights. With that for free, every
-        # round (one block or many) is checked against the true batch loss, not only the quadratic model;
-        # multi-block rounds are checked always (their blocks' models ignore each other).
-        # With bcd.check other than "batch" the loss is measured on other samples (see _check_batches).
-        before = next(iter(estimates.values())).loss if estimates else float("nan")
-        check = bool(estimates) and (math.isfinite(before) or len(names) > 1)
-        check_on = [batch]
+        # Every round (one block or many) is checked against the true loss (on the samples bcd.check
+        # names), not only the quadratic model. Single-block rounds are checked when the estimating pass
+        # measured the batch loss (not for layerwise); multi-block rounds always (their blocks' models
+        # ignore each other).
+        batch_loss = next(iter(estimates.values())).loss if estimates else float("nan")
+        check = bool(estimates) and (math.isfinite(batch_loss) or len(names) > 1)
         if check:
-            check_on = self._check_batches(first_step, batch)
-            if self.cfg.bcd.check == "calibration":
-                if self._check_loss is None:
-                    self._check_loss = _calibration_loss(self.model, check_on, self.loss_fn, self.device)
-                before = self._check_loss
-            elif check_on[0] is not batch or not math.isfinite(before):
-                before = _calibration_loss(self.model, check_on, self.loss_fn, self.device)
+            check_on, before = self._check_batches(first_step, batch, batch_loss)
         moves: list[tuple[str, Tensor, Tensor]] = []
         records: list[dict[str, Any]] = []
         for i, name in enumerate(names):
@@ -697,7 +701,7 @@ class _Driver:
         )
         return record
 
-    def _check_round(self, before: float, check_on: list[dict[str, Tensor]], moves: list[tuple[str, Tensor, Tensor]],
+    def _check_round(self, before: float, check_on: Sequence[dict[str, Tensor]], moves: list[tuple[str, Tensor, Tensor]],
                      records: list[dict[str, Any]]) -> None:
         """Undo a round whose moves raised the loss on ``check_on`` (DESIGN.md §4): the quadratic model is only local."""
         after = _calibration_loss(self.model, check_on, self.loss_fn, self.device)

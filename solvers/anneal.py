@@ -409,10 +409,14 @@ class _Population:
         buffers = [_buffers(state, self.layout) for state in x]
         n_groups = self.layout.start.size
         return _Runs(
-            x=x, field=field, ones=np.stack([ones for ones, _ in buffers]),
+            x=x,
+            field=field,
+            ones=np.stack([ones for ones, _ in buffers]),
             zeros=np.stack([zeros for _, zeros in buffers]),
-            energy=np.array([state @ row for state, row in zip(x, field)]), betas=np.stack([betas for _, betas in starts]),
-            states=seeds.generate_state(len(starts), dtype=np.uint64), best_x=x.copy(),
+            energy=np.array([state @ row for state, row in zip(x, field)]),
+            betas=np.stack([betas for _, betas in starts]),
+            states=seeds.generate_state(len(starts), dtype=np.uint64),
+            best_x=x.copy(),
             best_energy=np.full(len(starts), math.inf),
             n_ones=np.zeros((len(starts), n_groups), dtype=np.int64),
             n_zeros=np.zeros((len(starts), n_groups), dtype=np.int64),
@@ -461,10 +465,11 @@ class AnnealSolver(Solver):
             whose runs end lowest, and the population uses it. The scale around the warm start
             suits n = 1024 Fisher blocks (heat 1) but is far too cold for n <= 512, where heat
             10-30 ends 1-6 % lower, and too hot above: heat 0.3 ends 0.49 % lower at n = 4096
-            (at n = 2048 the two are within 0.1 % with the default population). ``None`` (default): 1, 10 and 30, and also 0.3 above 1536
-            movable variables (at n = 1024 the short pilot sometimes prefers 0.3 wrongly; with 0.3
-            offered there the mean gap rose from 0.055 % to 0.073 %). Each value costs the pilot
-            about 1 % of the main run's proposals.
+            (at n = 2048 the two are within 0.1 % with the default population). ``None``
+            (default): 1, 10 and 30, and also 0.3 above 1536 movable variables (at n = 1024 the
+            short pilot sometimes prefers 0.3 wrongly; with 0.3 offered there the mean gap rose
+            from 0.055 % to 0.073 %). Each value costs the pilot two runs of a quarter of the
+            schedule, about 0.5 % of the default population's proposals.
         focus_window: draw swaps only among candidates within this many kT of their group's
             cheapest move (module docstring); ``None``: uniform pairs (plain annealing). Smaller
             is greedier; at 32 x 190 sweeps on the problems above, 4 ended 0.01 % and 9 0.03 % higher
@@ -473,8 +478,8 @@ class AnnealSolver(Solver):
             lowered the best energy (``None``: always run the whole schedule); ``stopped_after``
             in the info says which share of the schedule ran. On block-like n = 1024 problems
             the best energy keeps dropping until late, so 0.25 never stops them (same answers
-            as ``None`` on the ten benchmark instances). On real SmolLM2 blocks, which a swap
-            descent already solves, it stopped two of six at 35 % and 63 % of the schedule.
+            as ``None`` on the ten benchmark instances). On six real SmolLM2 blocks, which a swap
+            descent already solves, it stopped four at 30-47 % of the schedule.
         num_workers: threads running the population (the kernel releases the GIL); ``None``: one
             per CPU. Results do not depend on it.
         time_limit_s: wall-time cap (``None``: none); the best state so far is returned when it

@@ -328,10 +328,10 @@ def test_bcd_fresh_check_batch_is_apart_from_the_fitting_batch(mlp_problem, make
     seen = []
     original = bcd._Driver._check_batches
 
-    def spy(self, first_step, batch):
-        check_on = original(self, first_step, batch)
+    def spy(self, first_step, batch, batch_loss):
+        check_on, before = original(self, first_step, batch, batch_loss)
         seen.append((batch["x"], check_on))
-        return check_on
+        return check_on, before
 
     monkeypatch.setattr(bcd._Driver, "_check_batches", spy)
     model, calib, loss_fn = mlp_problem(n_samples=64)
