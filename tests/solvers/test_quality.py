@@ -127,6 +127,7 @@ def test_quality_anneal_focused_pairs_beat_uniform_pairs_same_sweeps():
     from solvers.generators import block_like
 
     problem, x_cur = block_like(512, seed=7)
+
     def mean_energy(window):
         solver = get_solver("anneal", focus_window=window, num_sweeps=60, num_restarts=8)
         return np.mean([solver.solve(problem, initial_state=x_cur, seed=s).energy for s in range(3)])
