@@ -803,6 +803,7 @@ def prune(
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
     progress: Callable[[float, float | None, int], None] | None = None,
+    solver: solvers.Solver | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place to ``config.pruning.density`` by iterative combinatorial brain surgery.
 
@@ -827,6 +828,8 @@ def prune(
         checkpoint_path: file written atomically every ``bcd.checkpoint_every_s`` seconds and at the end.
         resume: continue the run saved at ``checkpoint_path`` (the model must hold its dense weights).
         progress: ``progress(elapsed_s, budget_s, step)`` after every round (e.g. a tqdm bar).
+        solver: a constructed :class:`solvers.Solver` to use instead of ``config.solver`` (e.g. a composite that
+            records every block problem); ``prune`` closes it at the end like one it built.
 
     Returns:
         A :class:`PruneResult`.
@@ -849,7 +852,10 @@ def prune(
     check_block_size(
         config.blocks.block_size, config.blocks.k, state.free_counts(config.scoring.fix_frac_prune, config.scoring.fix_frac_keep)
     )
-    solver = solvers.get_solver(config.solver.name, **dict(config.solver.params))
+    if solver is None:
+        solver = solvers.get_solver(config.solver.name, **dict(config.solver.params))
+    elif not isinstance(solver, solvers.Solver):
+        raise TypeError(f"'solver' should be a solvers.Solver instance or None; got {type(solver).__name__}")
     limit = solver.properties.get("max_variables") if hasattr(solver, "properties") else None
     limit = solver.params.get("max_variables", limit) if hasattr(solver, "params") else limit
     if limit is not None and config.blocks.block_size > int(limit):

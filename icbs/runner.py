@@ -20,6 +20,7 @@ import torch
 import yaml
 from torch import nn
 
+import solvers
 from icbs import export
 from icbs.config import IcbsConfig, ModelConfig
 
@@ -472,41 +473,31 @@ def run_baseline(
     return RunOutcome(path, metric, dense, None, final, densities["total"], report)
 
 
-def _recording_solver(child_name: str, sink: list[dict[str, Any]], limit: int) -> str:
-    """Register a composite solver that records each (problem, warm start, answer) and delegates to ``child_name``.
+class _RecordingSolver(solvers.Solver):
+    """Delegate to ``child`` and keep each (problem, warm start, answer) it sees, up to ``limit`` of them.
 
-    The driver builds its solver by name from the config, so recording needs a registered name; the class
-    accepts exactly the child's parameters (the config's ``solver.params`` stay valid). Returns that name.
+    A plain instance handed to :func:`icbs.prune` as ``solver=``: nothing is registered, and the records and
+    statistics carry the child's name.
     """
-    import solvers
 
-    child_cls = solvers.get_solver_class(child_name)
+    name = "record"
+    parameters: dict[str, Any] = {}
 
-    class _Recorder(solvers.Solver):
-        name = f"record-{child_name}-{id(sink):x}"
-        parameters = dict(child_cls.parameters)
-        properties = dict(child_cls.properties)
+    def __init__(self, child: solvers.Solver, sink: list[dict[str, Any]], limit: int) -> None:
+        super().__init__()
+        self.name = child.name
+        self.properties = dict(child.properties)
+        self.child, self.sink, self.limit = child, sink, limit
 
-        def __init__(self, **params: Any) -> None:
-            super().__init__(**params)
-            self.child = child_cls(**params)
+    def _solve(self, problem: Any, initial_state: Any, seed: int, time_limit_s: float | None) -> Any:
+        solution = self.child.solve(problem, initial_state=initial_state, seed=seed, time_limit_s=time_limit_s)
+        if len(self.sink) < self.limit:
+            self.sink.append({"problem": problem, "x_cur": initial_state, "x": solution.x,
+                              "energy": solution.energy, "info": dict(solution.info)})
+        return solution.x, dict(solution.info)
 
-        def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
-            return params  # the child checks them
-
-        def _solve(self, problem: Any, initial_state: Any, seed: int, time_limit_s: float | None) -> Any:
-            solution = self.child.solve(problem, initial_state=initial_state, seed=seed, time_limit_s=time_limit_s)
-            if len(sink) < limit:
-                sink.append({"problem": problem, "x_cur": initial_state, "x": solution.x,
-                             "energy": solution.energy, "info": dict(solution.info)})
-            return solution.x, dict(solution.info)
-
-        def close(self) -> None:
-            self.child.close()
-
-    _Recorder.__qualname__ = _Recorder.__name__ = f"Recorder_{child_cls.__name__}"
-    solvers.register(_Recorder)
-    return _Recorder.name
+    def close(self) -> None:
+        self.child.close()
 
 
 def run_export_blocks(
@@ -545,13 +536,10 @@ def run_export_blocks(
     calibration, _evaluation = _data(cfg, loaded)
     layers = _layers(cfg, loaded)
     captured: list[dict[str, Any]] = []
-    recorder = _recording_solver(cfg.solver.name, captured, n_blocks)
-    short = cfg.replace(
-        solver=dataclasses.replace(cfg.solver, name=recorder),
-        bcd=dataclasses.replace(cfg.bcd, max_steps=n_blocks, checkpoint_every_s=None),
-    )
+    recorder = _RecordingSolver(solvers.get_solver(cfg.solver.name, **dict(cfg.solver.params)), captured, n_blocks)
+    short = cfg.replace(bcd=dataclasses.replace(cfg.bcd, max_steps=n_blocks, checkpoint_every_s=None))
     steps: list[dict[str, Any]] = []
-    icbs.prune(loaded.model, short, calibration, loaded.adapter.per_sample_loss, layers=layers,
+    icbs.prune(loaded.model, short, calibration, loaded.adapter.per_sample_loss, layers=layers, solver=recorder,
                callbacks=[lambda event: steps.append(event) if event.get("event") == "step" else None])
     solved = [row for row in steps if row.get("status") != "SKIPPED"]
     blocks_dir = path / export.BLOCKS_DIR_NAME
