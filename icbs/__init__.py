@@ -10,12 +10,16 @@ Example::
     result.masks, result.report["final_loss"]
 """
 
-from icbs.bcd import PruneResult, check_solution, layer_schedule, prune, reconstruct_weights, step_seed
+from icbs.bcd import PruneResult, prune
 from icbs.blocks import check_block_size, select_block
 from icbs.checkpoint import load_checkpoint, save_checkpoint
 from icbs.config import IcbsConfig, config_from_dict, load_config
 from icbs.exceptions import ConfigError, InfeasibleSolutionError, NonFiniteDerivativeError, PruningError
 from icbs.layers import check_layers, find_prunable
+from icbs.moves import check_solution
+from icbs.records import EvalRecord, PruneSummary, RunReport, StepRecord
+from icbs.refit import reconstruct_weights
+from icbs.schedule import layer_schedule, step_seed
 from icbs.scoring import (
     collect_activation_norms,
     collect_gradients,
@@ -36,6 +40,10 @@ __all__ = [
     "InfeasibleSolutionError",
     "prune",
     "PruneResult",
+    "PruneSummary",
+    "StepRecord",
+    "EvalRecord",
+    "RunReport",
     "find_prunable",
     "check_layers",
     "MaskPattern",

@@ -21,12 +21,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "pack_mask", "unpack_mask", "rng_states", "set_rng_states"]
+__all__ = ["check_resumable", "CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "pack_mask", "unpack_mask", "rng_states", "set_rng_states"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 _MASK_KEYS = ("keep_mask", "fixed_pruned", "fixed_kept")
+# Settings that must not change between a checkpoint and its resumption: whole sections, and bcd keys.
+_RESUME_SECTIONS = ("pruning", "scoring", "blocks", "derivatives")
+_RESUME_BCD_KEYS = ("seed", "blocks_per_round", "min_steps_per_layer")
+
+
+def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first setting of ``current`` that differs from the checkpoint's config."""
+    keys = [(section, key) for section in _RESUME_SECTIONS for key in current[section]]
+    keys += [("bcd", key) for key in _RESUME_BCD_KEYS]
+    for section, key in keys:
+        if saved.get(section, {}).get(key) != current[section][key]:
+            raise ValueError(f"'{section}.{key}' differs from the checkpoint's; resume needs the same setting")
 
 
 def pack_mask(mask: Tensor) -> dict[str, Any]:

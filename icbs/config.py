@@ -63,6 +63,9 @@ INIT_METHODS = SCORE_METHODS + ("sparsegpt",)
 SCORE_SCOPES = ("per_layer", "per_output", "per_input")
 ESTIMATORS = ("fisher", "exact", "gradient_mean", "layerwise")
 CHECK_MODES = ("fresh", "calibration", "batch")
+EXECUTORS = ("thread", "ray")
+# Keys that moved to another section: the old spelling is an error that names the new one.
+MOVED_KEYS = {"derivatives.damping_frac": "scoring.init_damping_frac"}
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _PATTERN_RE = re.compile(r"^(unstructured|per_output|(\d+):(\d+))$")
 
@@ -259,7 +262,11 @@ class PruningConfig:
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """How weights are scored: once for the initial mask, at every step for block selection (§5)."""
+    """How weights are scored: once for the initial mask, at every step for block selection (§5).
+
+    ``init_damping_frac`` damps the layer Hessians (a fraction of their mean diagonal) of the
+    weight-refitting inits (``sparsegpt``, ``alps``), here and in ``icbs baseline``.
+    """
 
     init_method: str = "wanda"
     init_scope: str = "per_output"
@@ -267,9 +274,11 @@ class ScoringConfig:
     selection_scope: str = "per_layer"
     fix_frac_prune: float = 0.0
     fix_frac_keep: float = 0.0
+    init_damping_frac: float = 0.01
 
     def validate(self) -> None:
         _choice("scoring.init_method", self.init_method, INIT_METHODS)
+        _positive("scoring.init_damping_frac", self.init_damping_frac, allow_zero=True)
         _choice("scoring.init_scope", self.init_scope, SCORE_SCOPES)
         _choice("scoring.selection_method", self.selection_method, SCORE_METHODS)
         _choice("scoring.selection_scope", self.selection_scope, SCORE_SCOPES)
@@ -298,15 +307,13 @@ class DerivativesConfig:
     """Gradient/Hessian estimation for the block's quadratic model (DESIGN.md §4).
 
     ``n_samples`` calibration samples are used per estimate (a step or a round); ``grad_multiplier`` is
-    α and ``ridge`` is λ of the block problem. ``damping_frac`` damps the layer Hessians of SparseGPT
-    (a fraction of their mean diagonal) when ``scoring.init_method`` is ``sparsegpt``.
+    α and ``ridge`` is λ of the block problem.
     """
 
     estimator: str = "fisher"
     n_samples: int = 8
     grad_multiplier: float = 1.0
     ridge: float = 0.0
-    damping_frac: float = 0.01
 
     def validate(self) -> None:
         _choice("derivatives.estimator", self.estimator, ESTIMATORS)
@@ -314,7 +321,6 @@ class DerivativesConfig:
         if not math.isfinite(self.grad_multiplier):
             _fail("derivatives.grad_multiplier", "a finite number", self.grad_multiplier)
         _positive("derivatives.ridge", self.ridge, allow_zero=True)
-        _positive("derivatives.damping_frac", self.damping_frac, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -351,7 +357,9 @@ class BcdConfig:
     that size); ``"batch"`` the fitting batch itself (one forward, but the check then favours moves
     that fit that batch's noise, and the calibration loss drifts up once true improvements get
     small: on the MNIST example it rose from 0.75 after 240 steps to 0.86 after 744).
-    ``reconstruct`` refits kept weights by damped least squares at the end.
+    ``reconstruct`` refits kept weights by damped least squares at the end. ``workers`` solves that
+    many of a round's blocks at the same time on ``executor``: ``"thread"`` (a local pool) or ``"ray"``
+    (a Ray cluster at ``ray_address``; ``null`` starts a local runtime). Masks do not depend on either.
     """
 
     time_budget: float | None = 600.0
@@ -361,6 +369,8 @@ class BcdConfig:
     blocks_per_round: int = 1
     check: str = "calibration"
     workers: int = 1
+    executor: str = "thread"
+    ray_address: str | None = None
     reconstruct: bool = False
     reconstruct_damping: float = 0.01
     seed: int = 0
@@ -375,6 +385,7 @@ class BcdConfig:
         _positive("bcd.blocks_per_round", self.blocks_per_round)
         _choice("bcd.check", self.check, CHECK_MODES)
         _positive("bcd.workers", self.workers)
+        _choice("bcd.executor", self.executor, EXECUTORS)
         _positive("bcd.reconstruct_damping", self.reconstruct_damping, allow_zero=True)
         _positive("bcd.checkpoint_every_s", self.checkpoint_every_s, allow_none=True)
 
@@ -499,6 +510,9 @@ def _section_from_dict(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
+    for key in unknown:
+        if f"{prefix}.{key}" in MOVED_KEYS:
+            raise ConfigError(f"'{prefix}.{key}' has moved: use '{MOVED_KEYS[prefix + '.' + key]}'")
     if unknown:
         raise ConfigError(
             f"unknown key '{prefix}.{unknown[0]}'; valid keys in '{prefix}': {', '.join(names)}"

@@ -30,6 +30,7 @@ from torch import nn
 
 from icbs.config import IcbsConfig
 from icbs.exceptions import OutputExistsError
+from icbs.state import mask_densities
 
 __all__ = [
     "OUTPUT_NAMES",
@@ -141,15 +142,6 @@ def apply_masks(layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tenso
     for name, mask in masks.items():
         weight = layers[name].weight
         weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
-
-
-def mask_densities(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Fraction kept per layer, plus ``"total"`` over all masked weights."""
-    densities = {name: float(mask.float().mean()) for name, mask in masks.items()}
-    n_total = sum(mask.numel() for mask in masks.values())
-    n_kept = sum(int(mask.sum()) for mask in masks.values())
-    densities["total"] = n_kept / n_total if n_total else 1.0
-    return densities
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path) -> None:

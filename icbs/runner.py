@@ -23,6 +23,7 @@ from torch import nn
 import solvers
 from icbs import export
 from icbs.config import IcbsConfig, ModelConfig
+from icbs.records import EvalRecord, StepRecord
 
 __all__ = [
     "RunOutcome",
@@ -97,7 +98,7 @@ class ProgressReporter:
                          dynamic_ncols=True, bar_format=fmt, leave=True)
         self._log_every_s = log_every_s
         self._last_log = time.monotonic()
-        self._window: list[dict[str, Any]] = []
+        self._window: list[StepRecord] = []
         self.n_steps = 0
         self.n_accepted = 0
 
@@ -108,25 +109,23 @@ class ProgressReporter:
             self._bar.update(target - self._bar.n)
         self._bar.set_postfix({"step": step, "accepted": self.n_accepted}, refresh=False)
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: StepRecord | EvalRecord) -> None:
         """Receive a step or evaluation record from the driver."""
-        if event.get("event") == "eval":
-            metrics = event.get("metrics") or {}
-            logger.info("eval at %.0f s (step %s): %s", event.get("elapsed_s", 0.0), event.get("step"), _fmt(metrics))
+        if isinstance(event, EvalRecord):
+            logger.info("eval at %.0f s (step %d): %s", event.elapsed_s, event.step, _fmt(event.metrics))
             return
         self.n_steps += 1
-        self.n_accepted += bool(event.get("accepted"))
+        self.n_accepted += event.accepted
         self._window.append(event)
         now = time.monotonic()
         if now - self._last_log >= self._log_every_s:
             self._last_log = now
-            accepted = [e for e in self._window if e.get("accepted")]
-            gain = sum(float(e.get("predicted_delta") or 0.0) for e in accepted)
-            batch_loss = float(event.get("batch_loss") or float("nan"))
+            accepted = [e for e in self._window if e.accepted]
+            gain = sum(e.predicted_delta for e in accepted)
             logger.info(
-                "step %s, %.0f s: %d/%d moves accepted since last line (predicted dL %.4g)%s",
-                event.get("step"), float(event.get("elapsed_s") or 0.0), len(accepted), len(self._window), gain,
-                f", batch loss {batch_loss:.5g}" if math.isfinite(batch_loss) else "",
+                "step %d, %.0f s: %d/%d moves accepted since last line (predicted dL %.4g)%s",
+                event.step, event.elapsed_s, len(accepted), len(self._window), gain,
+                f", batch loss {event.batch_loss:.5g}" if math.isfinite(event.batch_loss) else "",
             )
             self._window = []
 
@@ -223,22 +222,14 @@ def _plot(out_dir: Path, report: Mapping[str, Any]) -> None:
             init_value=(report.get("metrics", {}).get("init") or {}).get(metric),
             dense_value=(report.get("metrics", {}).get("dense") or {}).get(metric),
         )
-    steps = [row for row in report.get("steps", []) if _predicted(row) is not None]
+    steps = [row for row in report.get("steps", []) if row["status"] != "SKIPPED"]
     if steps:
         plots.plot_delta_per_step(
-            [row.get("step", i) for i, row in enumerate(steps)],
-            [_predicted(row) for row in steps],
+            [row["step"] for row in steps],
+            [row["predicted_delta"] for row in steps],
             out_dir / export.PLOT_NAMES[1],
-            accepted=[bool(row.get("accepted", True)) for row in steps],
+            accepted=[row["accepted"] for row in steps],
         )
-
-
-def _predicted(row: Mapping[str, Any]) -> float | None:
-    for key in ("predicted_delta", "predicted_dl", "delta_pred", "energy"):
-        value = row.get(key)
-        if isinstance(value, (int, float)):
-            return float(value)
-    return None
 
 
 def _prepare(cfg: IcbsConfig, out_dir: str | Path | None, *, overwrite: bool, resume: bool) -> Path:
@@ -331,7 +322,7 @@ def run_prune(
     export.apply_masks(layers, masks)
     _check_zeros(layers, masks)
     _check_density(cfg, layers, masks)
-    core = dict(result.report or {})
+    core = result.report.to_dict()
     final = core.get("final_metrics")
     if not final:
         mark = time.perf_counter()
@@ -347,7 +338,7 @@ def run_prune(
         "metrics": {"dense": dense, "init": init, "final": final},
         "density": {"target": cfg.pruning.density, "achieved": densities["total"], "per_layer": densities},
         "metric_vs_time": list(core.get("evaluations") or []),
-        "steps": list(result.history),
+        "steps": [record.to_dict() for record in result.history],
         "timings": timings,
         "seed": cfg.bcd.seed,
         "resumed": resume,
@@ -538,10 +529,9 @@ def run_export_blocks(
     captured: list[dict[str, Any]] = []
     recorder = _RecordingSolver(solvers.get_solver(cfg.solver.name, **dict(cfg.solver.params)), captured, n_blocks)
     short = cfg.replace(bcd=dataclasses.replace(cfg.bcd, max_steps=n_blocks, checkpoint_every_s=None))
-    steps: list[dict[str, Any]] = []
-    icbs.prune(loaded.model, short, calibration, loaded.adapter.per_sample_loss, layers=layers, solver=recorder,
-               callbacks=[lambda event: steps.append(event) if event.get("event") == "step" else None])
-    solved = [row for row in steps if row.get("status") != "SKIPPED"]
+    result = icbs.prune(loaded.model, short, calibration, loaded.adapter.per_sample_loss, layers=layers,
+                        solver=recorder)
+    solved = [record.to_dict() for record in result.history if record.status != "SKIPPED"]
     blocks_dir = path / export.BLOCKS_DIR_NAME
     blocks_dir.mkdir(exist_ok=True)
     written: list[Path] = []

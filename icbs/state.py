@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from icbs.config import parse_pattern
 from icbs.exceptions import PruningError
 
-__all__ = ["MaskPattern", "LayerState", "PruningState", "round_half_up"]
+__all__ = ["MaskPattern", "LayerState", "PruningState", "round_half_up", "mask_densities"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,15 @@ logger = logging.getLogger(__name__)
 def round_half_up(value: float) -> int:
     """Round to the nearest int, halves up (``round_half_up(2.5) == 3``), unlike Python's ``round``."""
     return int(math.floor(value + 0.5))
+
+
+def mask_densities(masks: Mapping[str, Tensor]) -> dict[str, float]:
+    """Fraction kept per layer of keep-masks, plus ``"total"`` over all their weights."""
+    densities = {name: float(mask.float().mean()) for name, mask in masks.items()}
+    n_total = sum(mask.numel() for mask in masks.values())
+    n_kept = sum(int(mask.sum()) for mask in masks.values())
+    densities["total"] = n_kept / n_total if n_total else 1.0
+    return densities
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +162,13 @@ class LayerState:
             mask[torch.tensor(list(self.tabu), dtype=torch.long, device=mask.device)] = True
         return mask.view(self.shape)
 
+    def value_if_kept(self) -> Tensor:
+        """Each weight's value when kept: ``values`` where an init or a refit set them, else ``w0``."""
+        return self.w0 if self.values is None else self.values
+
     def current_weight(self) -> Tensor:
-        """The pruned weight this state stands for: ``values`` (or ``w0``) where kept, 0 elsewhere."""
-        base = self.w0 if self.values is None else self.values
+        """The pruned weight this state stands for: the value if kept where kept, 0 elsewhere."""
+        base = self.value_if_kept()
         return base * self.keep_mask.to(base.dtype)
 
 
@@ -321,7 +334,7 @@ class PruningState:
         if bool((changed & layer.free_mask().view(-1)[flat_index].logical_not()).any()):
             raise PruningError(f"a move in layer {name!r} tried to change a fixed weight")
         keep[flat_index] = keep_block
-        base = (layer.w0 if layer.values is None else layer.values).view(-1)
+        base = layer.value_if_kept().view(-1)
         weight = layer.module.weight.data.view(-1)
         weight[flat_index] = base[flat_index] * keep_block.to(base.dtype)
         return old
@@ -358,10 +371,6 @@ class PruningState:
             positions = np.flatnonzero(group == g).astype(np.int64)
             constraints.append((positions, int(pruned[positions].sum())))
         return constraints
-
-    def densities(self) -> dict[str, float]:
-        """Fraction of weights kept per layer."""
-        return {name: float(layer.keep_mask.float().mean()) for name, layer in self.layers.items()}
 
     def masks(self) -> dict[str, Tensor]:
         """A copy of every keep-mask (on the CPU)."""

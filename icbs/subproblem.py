@@ -38,12 +38,28 @@ from solvers import CardinalityQP
 
 from icbs.derivatives import BlockEstimate
 
-__all__ = ["build_block_problem", "keep_to_x", "x_to_keep"]
+__all__ = ["build_block_problem", "keep_to_x", "x_to_keep", "acceptance_tolerance"]
 
 logger = logging.getLogger(__name__)
 
 # |E(x_cur)| above this fraction of the problem's energy scale means w is not w0 * keep.
 _ZERO_ENERGY_RTOL = 1e-9
+# Float64 round-off of an energy, relative to the problem's scale: improvements smaller than this are noise.
+_ACCEPT_RTOL = 1e-12
+
+
+def _energy_scale(problem: CardinalityQP) -> float:
+    """``sum |Q| + |offset|``: the scale energies of ``problem`` are computed at."""
+    return float(np.abs(problem.Q).sum()) + abs(problem.offset)
+
+
+def acceptance_tolerance(problem: CardinalityQP) -> float:
+    """How far below the current mask's energy an answer must be to count as strictly better.
+
+    A move is accepted only when ``E(x) - E(x_cur) < -acceptance_tolerance(problem)``: equal or worse
+    masks are never accepted, and neither are gains within float64 round-off of the energy.
+    """
+    return _ACCEPT_RTOL * (1.0 + _energy_scale(problem))
 
 
 def _block_vector(value: Any, name: str, n: int) -> np.ndarray:
@@ -139,8 +155,7 @@ def build_block_problem(
             constraints.append((members, int(k)))
     problem = CardinalityQP.from_block(H, g, w0_np, d, constraints, alpha=float(alpha), ridge=float(ridge))
     energy = problem.energy(x_cur)
-    scale = float(np.abs(problem.Q).sum()) + abs(problem.offset) + 1e-300
-    if abs(energy) > _ZERO_ENERGY_RTOL * scale:
+    if abs(energy) > _ZERO_ENERGY_RTOL * (_energy_scale(problem) + 1e-300):
         logger.warning(
             "the current mask has energy %.3g, not 0: w_current is not w0 * keep_mask on this block, so moves "
             "are scored against resetting kept weights to w0",

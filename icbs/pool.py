@@ -1,0 +1,92 @@
+"""The calibration samples a run draws from, and the loss on them.
+
+:class:`SamplePool` holds every calibration sample in one batch on the model's device. Each round
+estimates on ``derivatives.n_samples`` of them, drawn from ``(bcd.seed, step)`` only, and the ``fresh``
+round check draws a disjoint batch of the same size. :func:`calibration_loss` is the mean per-sample
+loss over a list of batches, the quantity the round check and the run's reports compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from icbs.batching import batch_size, batch_to, concat_batches, index_batch
+from icbs.schedule import Stream, step_rng
+
+__all__ = ["SamplePool", "calibration_loss", "check_calibration"]
+
+LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
+
+
+def check_calibration(calibration: object) -> list[dict[str, Tensor]]:
+    """The calibration batches as a list of dicts; raises naming ``calibration`` when malformed."""
+    if isinstance(calibration, Mapping):
+        calibration = [calibration]
+    if not isinstance(calibration, Sequence) or len(calibration) == 0:
+        raise ValueError("'calibration' should be a non-empty list of batches (dict[str, Tensor])")
+    for i, batch in enumerate(calibration):
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"'calibration[{i}]' should be a dict[str, Tensor]; got {type(batch).__name__}")
+        batch_size(batch)
+    return [dict(b) for b in calibration]
+
+
+def calibration_loss(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], loss_fn: LossFn,
+                     device: torch.device) -> float:
+    """Mean per-sample loss of ``model`` over ``batches`` (moved to ``device``), accumulated in float64."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            losses = loss_fn(model, batch_to(batch, device))
+            total += float(losses.double().sum())
+            count += int(losses.shape[0])
+    return total / max(count, 1)
+
+
+class SamplePool:
+    """All calibration samples, and the seeded draws of each round.
+
+    Args:
+        calibration: the calibration batches.
+        device: the model's device (draws are moved there).
+        seed: ``bcd.seed``.
+        n_per_step: samples per round (``derivatives.n_samples``; capped at the pool's size).
+    """
+
+    def __init__(self, calibration: Sequence[Mapping[str, Tensor]], device: torch.device, seed: int,
+                 n_per_step: int) -> None:
+        self.batches = [dict(b) for b in calibration]
+        self.samples = concat_batches(self.batches)
+        self.size = batch_size(self.samples)
+        self.device = device
+        self.seed = int(seed)
+        self.n_per_step = min(int(n_per_step), self.size)
+
+    def device_batches(self) -> list[dict[str, Tensor]]:
+        """Every calibration batch on the model's device."""
+        return [batch_to(b, self.device) for b in self.batches]
+
+    def step_indices(self, first_step: int) -> np.ndarray:
+        """Sorted indices of the samples the round starting at ``first_step`` estimates on."""
+        rng = step_rng(self.seed, first_step, Stream.STEP_SAMPLES)
+        return np.sort(rng.choice(self.size, size=self.n_per_step, replace=False))
+
+    def take(self, indices: np.ndarray) -> dict[str, Tensor]:
+        """The samples at ``indices`` as one batch on the model's device."""
+        return batch_to(index_batch(self.samples, torch.as_tensor(indices, dtype=torch.long)), self.device)
+
+    def step_batch(self, first_step: int) -> dict[str, Tensor]:
+        """The round's estimation batch."""
+        return self.take(self.step_indices(first_step))
+
+    def fresh_batch(self, first_step: int) -> dict[str, Tensor]:
+        """A batch of the step batch's size from the other samples (from all when too few are left)."""
+        fitted = self.step_indices(first_step)
+        others = np.setdiff1d(np.arange(self.size), fitted)
+        pool = others if others.size >= fitted.size else np.arange(self.size)
+        rng = step_rng(self.seed, first_step, Stream.CHECK_SAMPLES)
+        return self.take(np.sort(rng.choice(pool, size=fitted.size, replace=False)))

@@ -1,0 +1,224 @@
+"""The typed records of a run: one per step, one per evaluation, the driver's summary and report.json.
+
+Each schema is written here once. The driver fills :class:`StepRecord` and :class:`EvalRecord` and hands
+them to callbacks; :class:`PruneSummary` is :attr:`icbs.PruneResult.report`; :class:`RunReport` is what
+``report.json`` holds (README, "Reading report.json"). Checkpoints and JSON files store them as plain
+dicts (:func:`dataclasses.asdict`), and :meth:`StepRecord.from_dict` reads them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+__all__ = ["StepRecord", "EvalRecord", "SolverStats", "LayerSummary", "PruneSummary", "RunReport", "TIMING_KEYS"]
+
+# The driver's own timings (seconds): init, derivative passes, block selection, solves, the final refit.
+TIMING_KEYS = ("init_s", "estimate_s", "select_s", "solve_s", "reconstruct_s")
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """One BCD step: a block tried in one layer.
+
+    Attributes:
+        step: step number (0-based, over the whole run).
+        epoch: pass number.
+        layer: layer name.
+        block_size: weights in the block (0 when no block was left: all candidates tabu).
+        k: pruned weights in the block (its cardinality).
+        predicted_delta: ΔL of the solver's answer under the block's quadratic model (negative = better).
+        energy: the answer's energy (``predicted_delta`` plus the problem's constant), NaN when skipped.
+        solver: the solver's name.
+        status: the solver's status (``OPTIMAL``, ``FEASIBLE``, ...) or ``SKIPPED``.
+        solve_time_s: wall time of the solve.
+        estimate_time_s: this step's share of the round's derivative pass.
+        accepted: the move was applied and kept.
+        undone: the move was applied, then undone by the round check.
+        n_changed: weights whose state the kept move flipped.
+        batch_loss: loss of the round's batch before the round (NaN when the pass did not measure it).
+        elapsed_s: run time when the round ended.
+    """
+
+    event: ClassVar[str] = "step"
+
+    step: int
+    epoch: int
+    layer: str
+    block_size: int
+    k: int = 0
+    predicted_delta: float = 0.0
+    energy: float = math.nan
+    solver: str = ""
+    status: str = "SKIPPED"
+    solve_time_s: float = 0.0
+    estimate_time_s: float = 0.0
+    accepted: bool = False
+    undone: bool = False
+    n_changed: int = 0
+    batch_loss: float = math.nan
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for checkpoints and report.json)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepRecord:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls) if field.name in data})
+
+
+@dataclasses.dataclass
+class EvalRecord:
+    """One evaluation of the model during a run.
+
+    Attributes:
+        elapsed_s: run time of the evaluation (0 = right after the init).
+        step: steps done by then.
+        metrics: ``{metric: value}`` from the evaluate callable (e.g. accuracy and loss).
+    """
+
+    event: ClassVar[str] = "eval"
+
+    elapsed_s: float
+    step: int
+    metrics: dict[str, float]
+
+    def row(self) -> dict[str, Any]:
+        """The flat row of ``metric_vs_time``: ``{elapsed_s, step, <metric>: value, ...}``."""
+        return {"elapsed_s": self.elapsed_s, "step": self.step, **self.metrics}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> EvalRecord:
+        """Inverse of :meth:`row`."""
+        metrics = {k: float(v) for k, v in row.items() if k not in ("elapsed_s", "step")}
+        return cls(float(row["elapsed_s"]), int(row["step"]), metrics)
+
+
+@dataclasses.dataclass
+class SolverStats:
+    """How the block solver was used: its name, calls, total solve time and a count per status."""
+
+    name: str
+    calls: int = 0
+    time_s: float = 0.0
+    status: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, status: str, seconds: float) -> None:
+        """Count one solve."""
+        self.calls += 1
+        self.time_s += seconds
+        self.status[status] = self.status.get(status, 0) + 1
+
+
+@dataclasses.dataclass
+class LayerSummary:
+    """One pruned layer at the end of a run.
+
+    Attributes:
+        shape: ``[n_out, n_in]``.
+        density: fraction kept.
+        target_kept: weights the pattern requires to be kept.
+        steps: steps taken in this layer.
+        accepted: moves kept in this layer.
+        free: weights that were candidates (neither fixed pruned nor fixed kept).
+    """
+
+    shape: list[int]
+    density: float
+    target_kept: int
+    steps: int
+    accepted: int
+    free: int
+
+
+@dataclasses.dataclass
+class PruneSummary:
+    """What the driver reports (:attr:`icbs.PruneResult.report`; ``report.json``'s ``prune`` entry).
+
+    Attributes:
+        density: ``{"target", "total", "pattern"}``.
+        layers: :class:`LayerSummary` per layer.
+        steps: steps done.
+        epochs: passes started.
+        accepted: moves kept.
+        undone_rounds: rounds undone by the round check.
+        stop_reason: ``time_budget``, ``max_steps``, ``max_epochs``, ``no_improvement`` (a pass without an
+            improving move) or ``None`` when the run did not stop by itself.
+        elapsed_s: run time (evaluations and checkpoint writes excluded).
+        timings: seconds per phase (:data:`TIMING_KEYS`).
+        solver: :class:`SolverStats`.
+        estimator: ``derivatives.estimator``.
+        init_loss: calibration loss after the init.
+        final_loss: calibration loss at the end.
+        init_metrics: the evaluation right after the init (``None`` without an evaluate callable).
+        final_metrics: the evaluation at the end.
+        evaluations: every evaluation as a ``metric_vs_time`` row.
+    """
+
+    density: dict[str, Any]
+    layers: dict[str, LayerSummary]
+    steps: int
+    epochs: int
+    accepted: int
+    undone_rounds: int
+    stop_reason: str | None
+    elapsed_s: float
+    timings: dict[str, float]
+    solver: SolverStats
+    estimator: str
+    init_loss: float
+    final_loss: float
+    init_metrics: dict[str, float] | None
+    final_metrics: dict[str, float] | None
+    evaluations: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RunReport:
+    """The schema of ``report.json`` (written by ``icbs prune`` and ``icbs baseline``).
+
+    Attributes:
+        command: ``prune`` or ``baseline``.
+        model: the model's name.
+        metric: the headline metric (``accuracy`` or ``perplexity``).
+        metrics: ``{"dense", "init", "final"}``, each ``{metric: value, "loss": value}`` or ``None``.
+        density: ``{"target", "achieved", "per_layer"}`` (fraction kept).
+        metric_vs_time: evaluation rows ``{elapsed_s, step, <metric>, loss}`` (time 0 = the init).
+        steps: one :class:`StepRecord` dict per step.
+        timings: seconds spent loading, building data, evaluating, pruning.
+        seed: ``bcd.seed``.
+        resumed: whether the run continued from a checkpoint.
+        config: the effective config.
+        versions: Python and package versions.
+        prune: the driver's :class:`PruneSummary` (``None`` for baselines).
+        method: the baseline's name (``None`` for ``prune``).
+        lm_eval: lm-evaluation-harness results ``{task: {metric: value}}`` when ``eval.lm_eval_tasks`` is set.
+    """
+
+    command: str
+    model: str
+    metric: str
+    metrics: dict[str, Any]
+    density: dict[str, Any]
+    metric_vs_time: list[dict[str, Any]]
+    steps: list[dict[str, Any]]
+    timings: dict[str, float]
+    seed: int
+    resumed: bool
+    config: dict[str, Any]
+    versions: dict[str, str]
+    prune: dict[str, Any] | None = None
+    method: str | None = None
+    lm_eval: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for ``report.json``."""
+        return dataclasses.asdict(self)
