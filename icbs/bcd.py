@@ -20,7 +20,6 @@ its dense weights back; on Ctrl-C (KeyboardInterrupt) a checkpoint is written fi
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -33,52 +32,32 @@ from torch import Tensor, nn
 
 import solvers
 from icbs import checkpoint as ckpt
-from icbs.blocks import check_block_size
 from icbs.config import IcbsConfig
 from icbs.executors import Executor, make_executor
 from icbs.initialise import DenseStatistics, dense_statistics, initialise_masks
-from icbs.layers import check_layers, find_prunable
 from icbs.moves import Move, apply_answer, build_job, solve_jobs, undo_moves
 from icbs.pool import SamplePool, calibration_loss, check_calibration
-from icbs.records import TIMING_KEYS, EvalRecord, LayerSummary, PruneSummary, SolverStats, StepRecord
-from icbs.refit import reconstruct_weights
+from icbs.preflight import check_arguments, pruning_state, resolve_solver
+from icbs.records import (
+    EvalRecord,
+    PruneResult,
+    RunHooks,
+    RunLog,
+    SolverStats,
+    StepRecord,
+)
+from icbs.refit import refit_state
 from icbs.round_check import RoundCheck
 from icbs.schedule import Clock, Cursor, layer_schedule, stop_reason
 from icbs.selection import BlockChooser
-from icbs.state import MaskPattern, PruningState, mask_densities
+from icbs.state import PruningState, mask_densities
 
-__all__ = ["PruneResult", "prune", "RunHooks"]
+__all__ = ["PruneResult", "prune", "RunHooks"]  # PruneResult and RunHooks live in icbs.records
 
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 Record = StepRecord | EvalRecord
-
-
-@dataclasses.dataclass
-class PruneResult:
-    """What :func:`prune` returns.
-
-    Attributes:
-        masks: ``{layer: (n_out, n_in) bool}`` keep-masks on the CPU, True = kept.
-        report: the driver's :class:`~icbs.records.PruneSummary`.
-        history: one :class:`~icbs.records.StepRecord` per step.
-    """
-
-    masks: dict[str, Tensor]
-    report: PruneSummary
-    history: list[StepRecord]
-
-
-@dataclasses.dataclass
-class RunHooks:
-    """How a run talks to its caller: evaluation, callbacks, checkpoints, progress (see :func:`prune`)."""
-
-    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None
-    eval_every_s: float | None = None
-    callbacks: Sequence[Callable[[Record], None]] = ()
-    checkpoint_path: Path | None = None
-    progress: Callable[[float, float | None, int], None] | None = None
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -93,15 +72,8 @@ class _Driver:
         self.model, self.cfg, self.pool, self.loss_fn = model, cfg, pool, loss_fn
         self.layers, self.state, self.solver, self.hooks = layers, state, solver, hooks
         self.sizes = {name: module.weight.numel() for name, module in layers.items()}
-        self.cursor = Cursor()
+        self.log = RunLog(Cursor(), SolverStats(solver.name))
         self.clock = Clock()
-        self.history: list[StepRecord] = []
-        self.evaluations: list[EvalRecord] = []
-        self.init_loss = math.nan
-        self.init_metrics: dict[str, float] | None = None
-        self.stop_reason: str | None = None
-        self.timings = dict.fromkeys(TIMING_KEYS, 0.0)
-        self.solver_stats = SolverStats(solver.name)
         self.stats = DenseStatistics()
         self.check = RoundCheck(cfg.bcd.check, model, loss_fn, pool)
         self.executor: Executor = make_executor(cfg.bcd.executor, cfg.bcd.workers, cfg.bcd.ray_address)
@@ -123,33 +95,34 @@ class _Driver:
             return self.load(saved)
         mark = time.perf_counter()
         initialise_masks(self.model, self.layers, self.state, self.pool, self.loss_fn, self.cfg, self.stats)
-        self.init_loss = calibration_loss(self.model, self.pool.batches, self.loss_fn, self.pool.device)
-        if not math.isfinite(self.init_loss):
-            logger.warning("calibration loss after init is %s; check loss_fn", self.init_loss)
-        self.timings["init_s"] = time.perf_counter() - mark
+        log = self.log
+        log.init_loss = calibration_loss(self.model, self.pool.batches, self.loss_fn, self.pool.device)
+        if not math.isfinite(log.init_loss):
+            logger.warning("calibration loss after init is %s; check loss_fn", log.init_loss)
+        log.timings["init_s"] = time.perf_counter() - mark
         self.ready = True
         densities = mask_densities(self.state.masks())
         logger.info("init (%s, %s): calibration loss %.6g, density %.4f (layers %.4f..%.4f)",
-                    self.cfg.scoring.init_method, self.state.pattern, self.init_loss, densities.pop("total"),
+                    self.cfg.scoring.init_method, self.state.pattern, log.init_loss, densities.pop("total"),
                     min(densities.values()), max(densities.values()))
         if self.hooks.evaluate is not None:
-            self.init_metrics = self.evaluate(force=True)
+            log.init_metrics = self.evaluate(force=True)
         self.save()
         return False
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
         """Rounds until a stop condition (see :func:`icbs.schedule.stop_reason`) or a pass without a move."""
-        bcd, cursor = self.cfg.bcd, self.cursor
+        bcd, cursor, log = self.cfg.bcd, self.log.cursor, self.log
         last_checkpoint = time.monotonic()
         schedule = layer_schedule(self.sizes, bcd.min_steps_per_layer, bcd.seed, cursor.epoch)
         while True:
-            self.stop_reason = stop_reason(bcd, self.clock.elapsed(), cursor)
-            if self.stop_reason is not None:
+            log.stop_reason = stop_reason(bcd, self.clock.elapsed(), cursor)
+            if log.stop_reason is not None:
                 break
             if cursor.pos >= len(schedule):
                 if cursor.epoch_accepted == 0:
-                    self.stop_reason = "no_improvement"
+                    log.stop_reason = "no_improvement"
                     break
                 cursor.start_epoch()
                 schedule = layer_schedule(self.sizes, bcd.min_steps_per_layer, bcd.seed, cursor.epoch)
@@ -163,18 +136,19 @@ class _Driver:
                 self.save()
                 last_checkpoint = time.monotonic()
             self.evaluate()
-        logger.info("stopped (%s) after %d steps, %d accepted", self.stop_reason, cursor.step, cursor.n_accepted)
+        logger.info("stopped (%s) after %d steps, %d accepted", log.stop_reason, cursor.step, cursor.n_accepted)
 
     def round(self, names: list[str]) -> None:
         """One derivative pass serving one block in each of ``names`` (distinct layers)."""
         assert self.chooser is not None
-        first_step = self.cursor.step
+        log = self.log
+        first_step = log.cursor.step
         batch = self.pool.step_batch(first_step)
         chosen = self.chooser.choose(names, batch, first_step)  # 1. estimate
-        self.timings["select_s"] += chosen.select_s
-        self.timings["estimate_s"] += chosen.estimate_s
+        log.timings["select_s"] += chosen.select_s
+        log.timings["estimate_s"] += chosen.estimate_s
         share = chosen.estimate_s / max(len(chosen.estimates), 1)
-        records = [StepRecord(first_step + i, self.cursor.epoch, name, int(chosen.index[name].numel()),
+        records = [StepRecord(first_step + i, log.cursor.epoch, name, int(chosen.index[name].numel()),
                               solver=self.solver.name, estimate_time_s=share) for i, name in enumerate(names)]
         jobs = [build_job(self.state, name, chosen.index[name], chosen.estimates[name], first_step + i,  # 2. build
                           self.cfg.derivatives) for i, name in enumerate(names) if name in chosen.estimates]
@@ -192,19 +166,19 @@ class _Driver:
         by_layer = {record.layer: record for record in records}
         moves: list[Move] = []
         for job, (solution, solve_s) in zip(jobs, answers):  # 4. accept
-            self.timings["solve_s"] += solve_s
-            self.solver_stats.add(str(solution.info.get("status", "FEASIBLE")), solve_s)
+            log.timings["solve_s"] += solve_s
+            log.solver.add(str(solution.info.get("status", "FEASIBLE")), solve_s)
             move = apply_answer(self.state, job, solution, solve_s, by_layer[job.layer])
             moves += [move] if move is not None else []
         if moves and check:  # 5. check
             self._check_round(check_on, before, moves, records)
         elif moves:
             self.check.forget()
-        self.cursor.step += len(names)
+        log.cursor.step += len(names)
         for record in records:  # 6. record
-            self.cursor.count_accepted(int(record.accepted))
+            log.cursor.count_accepted(int(record.accepted))
             record.elapsed_s = self.clock.elapsed()
-            self.history.append(record)
+            log.history.append(record)
             self._emit(record)
 
     def _check_round(self, check_on: list[dict[str, Tensor]], before: float, moves: list[Move],
@@ -213,7 +187,7 @@ class _Driver:
         if passed:
             return
         undo_moves(self.state, moves)
-        self.cursor.n_undone_rounds += 1
+        self.log.cursor.n_undone_rounds += 1
         for record in records:
             record.undone, record.accepted = record.accepted, False
         logger.info("round at step %d undone: %s loss rose from %.6g to %.6g", records[0].step, self.check.mode,
@@ -230,11 +204,12 @@ class _Driver:
         if evaluate is None:
             return None
         now = self.clock.elapsed()
-        if not force and (every is None or (self.evaluations and now - self.evaluations[-1].elapsed_s < every)):
+        evaluations = self.log.evaluations
+        if not force and (every is None or (evaluations and now - evaluations[-1].elapsed_s < every)):
             return None
         metrics = self.clock.paused(lambda: {k: float(v) for k, v in evaluate(self.model).items()})
-        record = EvalRecord(now, self.cursor.step, metrics)
-        self.evaluations.append(record)
+        record = EvalRecord(now, self.log.cursor.step, metrics)
+        evaluations.append(record)
         self._emit(record)
         return metrics
 
@@ -244,12 +219,8 @@ class _Driver:
         path = self.hooks.checkpoint_path
         if path is None or not self.ready:
             return
-        driver = {
-            **dataclasses.asdict(self.cursor), "seed": self.cfg.bcd.seed, "elapsed_s": self.clock.elapsed(),
-            "history": [r.to_dict() for r in self.history], "evaluations": [e.row() for e in self.evaluations],
-            "init_loss": self.init_loss, "init_metrics": self.init_metrics, "stop_reason": self.stop_reason,
-            "finished": finished, "timings": self.timings, "solver_stats": dataclasses.asdict(self.solver_stats),
-        }
+        driver = {**self.log.to_payload(), "seed": self.cfg.bcd.seed, "elapsed_s": self.clock.elapsed(),
+                  "finished": finished}
         payload = {"state": self.state.state_dict(), "driver": driver, "rng": ckpt.rng_states(),
                    "config": self.cfg.to_dict()}
         self.clock.paused(lambda: ckpt.save_checkpoint(path, payload))
@@ -259,20 +230,11 @@ class _Driver:
         ckpt.check_resumable(data.get("config", {}), self.cfg.to_dict())
         self.state.load_state_dict(data["state"])
         driver = data["driver"]
-        self.cursor = Cursor(**{f.name: int(driver[f.name]) for f in dataclasses.fields(Cursor)})
+        self.log = RunLog.from_payload(driver, self.solver.name)
         self.clock = Clock(float(driver["elapsed_s"]))
-        self.history = [StepRecord.from_dict(row) for row in driver["history"]]
-        self.evaluations = [EvalRecord.from_row(row) for row in driver["evaluations"]]
-        self.init_loss = float(driver["init_loss"])
-        self.init_metrics = driver.get("init_metrics")
-        self.stop_reason = driver.get("stop_reason")
-        self.timings.update(driver.get("timings", {}))
-        stats = driver.get("solver_stats", {})
-        self.solver_stats = SolverStats(self.solver.name, int(stats.get("calls", 0)), float(stats.get("time_s", 0.0)),
-                                        dict(stats.get("status", {})))
         ckpt.set_rng_states(data["rng"])
         self.state.apply()
-        logger.info("resumed at step %d (epoch %d, %.1f s elapsed)", self.cursor.step, self.cursor.epoch,
+        logger.info("resumed at step %d (epoch %d, %.1f s elapsed)", self.log.cursor.step, self.log.cursor.epoch,
                     self.clock.elapsed_before)
         return bool(driver.get("finished", False))
 
@@ -282,68 +244,9 @@ class _Driver:
         if self.cfg.bcd.reconstruct:
             mark = time.perf_counter()
             assert self.stats.layer_inputs is not None
-            for name in self.layers:
-                layer = self.state[name]
-                values = reconstruct_weights(layer.w0, layer.keep_mask, self.stats.layer_inputs[name],
-                                             self.cfg.bcd.reconstruct_damping)
-                self.state.set_values(name, values)
-            self.state.apply()
-            self.timings["reconstruct_s"] = time.perf_counter() - mark
+            refit_state(self.state, self.stats.layer_inputs, self.cfg.bcd.reconstruct_damping)
+            self.log.timings["reconstruct_s"] = time.perf_counter() - mark
         self.state.check_invariants()
-
-    def summary(self, final_loss: float, final_metrics: dict[str, float] | None) -> PruneSummary:
-        """The run's :class:`~icbs.records.PruneSummary`."""
-        densities = mask_densities(self.state.masks())
-        layers = {
-            name: LayerSummary(list(self.state[name].shape), densities[name], self.state.target_kept(name),
-                               self.state[name].steps, self.state[name].accepted, int(self.state[name].free_mask().sum()))
-            for name in self.layers
-        }
-        return PruneSummary(
-            density={"target": self.state.pattern.density, "total": densities["total"], "pattern": str(self.state.pattern)},
-            layers=layers, steps=self.cursor.step, epochs=self.cursor.epoch + (1 if self.cursor.pos else 0),
-            accepted=self.cursor.n_accepted, undone_rounds=self.cursor.n_undone_rounds, stop_reason=self.stop_reason,
-            elapsed_s=self.clock.elapsed(), timings=dict(self.timings), solver=self.solver_stats,
-            estimator=self.cfg.derivatives.estimator, init_loss=self.init_loss, final_loss=final_loss,
-            init_metrics=self.init_metrics, final_metrics=final_metrics, evaluations=[e.row() for e in self.evaluations],
-        )
-
-
-def _validate(model: Any, config: Any, loss_fn: Any, hooks: RunHooks, resume: bool) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"'model' should be an nn.Module; got {type(model).__name__}")
-    if not isinstance(config, IcbsConfig):
-        raise TypeError(f"'config' should be an IcbsConfig (see icbs.load_config); got {type(config).__name__}")
-    config.validate()
-    if not callable(loss_fn):
-        raise TypeError("'loss_fn' should be callable as loss_fn(model, batch) -> (B,) per-sample losses")
-    for callback in hooks.callbacks:
-        if not callable(callback):
-            raise TypeError(f"'callbacks' should hold callables; got {callback!r}")
-    if hooks.progress is not None and not callable(hooks.progress):
-        raise TypeError(f"'progress' should be callable(elapsed_s, budget_s, step); got {hooks.progress!r}")
-    every = hooks.eval_every_s
-    if every is not None and (not isinstance(every, (int, float)) or not every > 0):
-        raise ValueError(f"'eval_every_s' should be a positive number of seconds or None; got {every!r}")
-    if resume and hooks.checkpoint_path is None:
-        raise ValueError("'resume' needs 'checkpoint_path'")
-    if hooks.checkpoint_path is not None and not hooks.checkpoint_path.parent.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {str(hooks.checkpoint_path.parent)!r} does not exist")
-
-
-def _solver(config: IcbsConfig, solver: solvers.Solver | None) -> solvers.Solver:
-    """The configured solver (or the one given), checked against ``blocks.block_size``."""
-    if solver is None:
-        solver = solvers.get_solver(config.solver.name, **dict(config.solver.params))
-    elif not isinstance(solver, solvers.Solver):
-        raise TypeError(f"'solver' should be a solvers.Solver instance or None; got {type(solver).__name__}")
-    limit = solver.params.get("max_variables", solver.properties.get("max_variables"))
-    if limit is not None and config.blocks.block_size > int(limit):
-        raise ValueError(
-            f"'blocks.block_size' ({config.blocks.block_size}) exceeds the {limit} variables solver "
-            f"{solver.name!r} accepts; lower blocks.block_size or pick another solver.name"
-        )
-    return solver
 
 
 def prune(
@@ -398,14 +301,11 @@ def prune(
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     hooks = RunHooks(evaluate, config.eval.every_s if eval_every_s is None and isinstance(config, IcbsConfig)
                      else eval_every_s, tuple(callbacks), path, progress)
-    _validate(model, config, loss_fn, hooks, resume)
+    check_arguments(model, config, loss_fn, hooks, resume)
     batches = check_calibration(calibration)
-    chosen = find_prunable(model, config.model.include, config.model.exclude) if layers is None else check_layers(model, layers)
-    state = PruningState(chosen, MaskPattern.from_config(config.pruning.density, config.pruning.pattern),
-                         config.blocks.tabu_frac)
-    check_block_size(config.blocks.block_size, config.blocks.k,
-                     state.free_counts(config.scoring.fix_frac_prune, config.scoring.fix_frac_keep))
-    solver = _solver(config, solver)
+    state = pruning_state(model, config, layers)
+    chosen = {name: state[name].module for name in state}
+    solver = resolve_solver(config, solver)
     saved = ckpt.load_checkpoint(path) if resume and path is not None else None
     pool = SamplePool(batches, _model_device(model), config.bcd.seed, config.derivatives.n_samples)
     driver = _Driver(model, config, pool, loss_fn, chosen, state, solver, hooks)
@@ -416,13 +316,15 @@ def prune(
         final_loss = calibration_loss(model, batches, loss_fn, pool.device)
         final_metrics = driver.evaluate(force=True)
         driver.save(finished=True)
-        logger.info("done: calibration loss %.6g -> %.6g, %d/%d steps accepted", driver.init_loss, final_loss,
-                    driver.cursor.n_accepted, driver.cursor.step)
-        return PruneResult(state.masks(), driver.summary(final_loss, final_metrics), list(driver.history))
+        log = driver.log
+        logger.info("done: calibration loss %.6g -> %.6g, %d/%d steps accepted", log.init_loss, final_loss,
+                    log.cursor.n_accepted, log.cursor.step)
+        summary = log.summary(state, driver.clock.elapsed(), config.derivatives.estimator, final_loss, final_metrics)
+        return PruneResult(state.masks(), summary, list(log.history))
     except KeyboardInterrupt:
         driver.save()
         logger.warning("interrupted at step %d; checkpoint kept (resume with the same command and --resume)",
-                       driver.cursor.step)
+                       driver.log.cursor.step)
         state.restore()
         raise
     except BaseException:

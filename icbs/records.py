@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
-__all__ = ["StepRecord", "EvalRecord", "SolverStats", "LayerSummary", "PruneSummary", "RunReport", "TIMING_KEYS"]
+from icbs.schedule import Cursor
+from icbs.state import mask_densities
+
+__all__ = ["StepRecord", "EvalRecord", "SolverStats", "LayerSummary", "PruneSummary", "RunReport", "RunLog", "RunHooks", "PruneResult", "TIMING_KEYS"]
 
 # The driver's own timings (seconds): init, derivative passes, block selection, solves, the final refit.
 TIMING_KEYS = ("init_s", "estimate_s", "select_s", "solve_s", "reconstruct_s")
@@ -222,3 +226,95 @@ class RunReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``report.json``."""
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RunLog:
+    """The bookkeeping of a run that a checkpoint carries (besides the pruning state and the RNG states).
+
+    Attributes:
+        cursor: the position in the layer schedule and the move counters.
+        history: one :class:`StepRecord` per step.
+        evaluations: every :class:`EvalRecord`.
+        init_loss: calibration loss after the init.
+        init_metrics: the evaluation right after the init.
+        stop_reason: why the loop ended (``None`` while it runs).
+        timings: seconds per phase (:data:`TIMING_KEYS`).
+        solver: :class:`SolverStats`.
+    """
+
+    cursor: Cursor
+    solver: SolverStats
+    history: list[StepRecord] = dataclasses.field(default_factory=list)
+    evaluations: list[EvalRecord] = dataclasses.field(default_factory=list)
+    init_loss: float = math.nan
+    init_metrics: dict[str, float] | None = None
+    stop_reason: str | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
+
+    def to_payload(self) -> dict[str, Any]:
+        """Plain data for a checkpoint."""
+        return {
+            **dataclasses.asdict(self.cursor), "history": [r.to_dict() for r in self.history],
+            "evaluations": [e.row() for e in self.evaluations], "init_loss": self.init_loss,
+            "init_metrics": self.init_metrics, "stop_reason": self.stop_reason, "timings": dict(self.timings),
+            "solver_stats": dataclasses.asdict(self.solver),
+        }
+
+    @classmethod
+    def from_payload(cls, data: Mapping[str, Any], solver_name: str) -> RunLog:
+        """Inverse of :meth:`to_payload`; the statistics carry ``solver_name`` (the solver of the resumed run)."""
+        stats = data.get("solver_stats", {})
+        return cls(
+            cursor=Cursor(**{f.name: int(data[f.name]) for f in dataclasses.fields(Cursor)}),
+            solver=SolverStats(solver_name, int(stats.get("calls", 0)), float(stats.get("time_s", 0.0)),
+                               dict(stats.get("status", {}))),
+            history=[StepRecord.from_dict(row) for row in data["history"]],
+            evaluations=[EvalRecord.from_row(row) for row in data["evaluations"]],
+            init_loss=float(data["init_loss"]), init_metrics=data.get("init_metrics"),
+            stop_reason=data.get("stop_reason"), timings={**dict.fromkeys(TIMING_KEYS, 0.0), **data.get("timings", {})},
+        )
+
+    def summary(self, state: Any, elapsed_s: float, estimator: str, final_loss: float,
+                final_metrics: dict[str, float] | None) -> PruneSummary:
+        """The :class:`PruneSummary` of the run with the pruning ``state`` it ended with."""
+        densities = mask_densities(state.masks())
+        layers = {
+            name: LayerSummary(list(state[name].shape), densities[name], state.target_kept(name), state[name].steps,
+                               state[name].accepted, int(state[name].free_mask().sum()))
+            for name in state
+        }
+        return PruneSummary(
+            density={"target": state.pattern.density, "total": densities["total"], "pattern": str(state.pattern)},
+            layers=layers, steps=self.cursor.step, epochs=self.cursor.epoch + (1 if self.cursor.pos else 0),
+            accepted=self.cursor.n_accepted, undone_rounds=self.cursor.n_undone_rounds, stop_reason=self.stop_reason,
+            elapsed_s=elapsed_s, timings=dict(self.timings), solver=self.solver, estimator=estimator,
+            init_loss=self.init_loss, final_loss=final_loss, init_metrics=self.init_metrics,
+            final_metrics=final_metrics, evaluations=[e.row() for e in self.evaluations],
+        )
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """What :func:`prune` returns.
+
+    Attributes:
+        masks: ``{layer: (n_out, n_in) bool}`` keep-masks on the CPU, True = kept.
+        report: the driver's :class:`~icbs.records.PruneSummary`.
+        history: one :class:`~icbs.records.StepRecord` per step.
+    """
+
+    masks: dict[str, Any]
+    report: PruneSummary
+    history: list[StepRecord]
+
+
+@dataclasses.dataclass
+class RunHooks:
+    """How a run talks to its caller: evaluation, callbacks, checkpoints, progress (see :func:`prune`)."""
+
+    evaluate: Callable[[Any], Mapping[str, float]] | None = None
+    eval_every_s: float | None = None
+    callbacks: Sequence[Callable[[Any], None]] = ()
+    checkpoint_path: Path | None = None
+    progress: Callable[[float, float | None, int], None] | None = None

@@ -8,12 +8,15 @@ For a layer with dense weight :math:`W_0` and input second moment :math:`C = X X
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
 from icbs.exceptions import PruningError
+from icbs.state import PruningState
 
-__all__ = ["reconstruct_weights"]
+__all__ = ["reconstruct_weights", "refit_state"]
 
 
 @torch.no_grad()
@@ -49,3 +52,11 @@ def reconstruct_weights(w0: Tensor, keep_mask: Tensor, covariance: Tensor, dampi
     if not bool(torch.isfinite(out).all()):
         raise PruningError("reconstruction gave non-finite weights; increase bcd.reconstruct_damping")
     return out.to(w0.dtype)
+
+
+def refit_state(state: PruningState, covariances: Mapping[str, Tensor], damping: float) -> None:
+    """Refit every layer's kept weights (:func:`reconstruct_weights`), store them as values and write them."""
+    for name in state:
+        layer = state[name]
+        state.set_values(name, reconstruct_weights(layer.w0, layer.keep_mask, covariances[name], damping))
+    state.apply()

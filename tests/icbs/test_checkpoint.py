@@ -97,13 +97,13 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path, mlp_problem):
 
     resumed_model, resumed = _run_in_process(mlp_problem, checkpoint_path=path, resume=True)
     _, straight = _run_in_process(mlp_problem)
-    assert resumed.report["steps"] == straight.report["steps"] == 30
+    assert resumed.report.steps == straight.report.steps == 30
     for name, mask in straight.masks.items():
         assert torch.equal(resumed.masks[name], mask), name
         assert int(mask.sum()) == round_half_up(0.5 * mask.numel())
         assert torch.equal(getattr(resumed_model, name).weight.detach() != 0, mask)
-    assert [h["accepted"] for h in resumed.history] == [h["accepted"] for h in straight.history]
-    assert resumed.report["final_loss"] == pytest.approx(straight.report["final_loss"], rel=1e-12)
+    assert [h.accepted for h in resumed.history] == [h.accepted for h in straight.history]
+    assert resumed.report.final_loss == pytest.approx(straight.report.final_loss, rel=1e-12)
     assert load_checkpoint(path)["driver"]["finished"]
 
 
@@ -126,6 +126,6 @@ def test_resume_of_a_finished_run_returns_its_masks(tmp_path, mlp_problem):
     path = tmp_path / "run.ckpt"
     _, first = _run_in_process(mlp_problem, checkpoint_path=path, max_steps=4)
     model, again = _run_in_process(mlp_problem, checkpoint_path=path, resume=True, max_steps=4)
-    assert again.report["steps"] == 4
+    assert again.report.steps == 4
     for name, mask in first.masks.items():
         assert torch.equal(again.masks[name], mask)
