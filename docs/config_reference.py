@@ -55,6 +55,7 @@ DESCRIPTIONS: dict[str, str] = {
     "scoring.selection_scope": "ranking scope of the selection score",
     "scoring.fix_frac_prune": "lowest-scored fraction of the pruned set that stays pruned for good",
     "scoring.fix_frac_keep": "highest-scored fraction of the kept set that stays kept for good",
+    "scoring.init_damping_frac": "Hessian damping (fraction of the mean diagonal) of the refitting inits `sparsegpt`/`alps`, also in `icbs baseline`; was `derivatives.damping_frac`",
     "blocks.block_size": "weights per block problem (QUBO variables)",
     "blocks.k": "currently-pruned weights in a block (the cardinality `Σx = k`); `k <= block_size`",
     "blocks.tabu_frac": "FIFO tabu memory as a fraction of a layer's free weights",
@@ -62,7 +63,6 @@ DESCRIPTIONS: dict[str, str] = {
     "derivatives.n_samples": "calibration samples per gradient/Hessian estimate",
     "derivatives.grad_multiplier": "α, the weight of the gradient term",
     "derivatives.ridge": "λ, the ridge term `λ‖Δ‖²`",
-    "derivatives.damping_frac": "SparseGPT Hessian damping (fraction of the mean diagonal) when scoring.init_method is sparsegpt",
     "solver.name": "registered block solver (see the solver table)",
     "solver.params": "the solver's settings; unknown names are an error",
     "bcd.time_budget": "wall-clock budget: seconds or `90s`, `10m`, `2h`; `null` = none",
@@ -73,7 +73,9 @@ DESCRIPTIONS: dict[str, str] = {
     "bcd.check": "where a round must not raise the loss or is undone: `calibration` (every calibration "
     "sample; the calibration loss never rises), `fresh` (a random batch apart from the one the moves "
     "were fitted on), `batch` (the fitting batch: cheapest, but the loss drifts up late in long runs)",
-    "bcd.workers": "parallel block solves",
+    "bcd.workers": "block solves of a round run at the same time (masks do not depend on it)",
+    "bcd.executor": "where those solves run: `thread` (a local pool) or `ray` (a Ray cluster)",
+    "bcd.ray_address": "Ray cluster address for `bcd.executor: ray` (`null` starts a local runtime); checked before the model loads",
     "bcd.reconstruct": "refit kept weights by damped least squares at the end",
     "bcd.reconstruct_damping": "damping of that refit",
     "bcd.seed": "seed of every random choice of the run",

@@ -9,6 +9,7 @@ seeded from its own step, and results come back in submission order.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
@@ -65,6 +66,22 @@ def _ray() -> Any:
     return ray
 
 
+def _reachable(address: str, timeout_s: float = 3.0) -> str | None:
+    """Why ``host:port`` (optionally ``ray://host:port``) cannot be reached by TCP, or ``None`` when it can.
+
+    Ray itself retries an unreachable head node for minutes; one TCP connect answers in seconds.
+    """
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return "expected host:port or ray://host:port"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    return None
+
+
 def check_ray_address(address: str | None, workers: int) -> None:
     """Connect to (or start) the Ray runtime now, so a bad ``bcd.ray_address`` fails before the model loads.
 
@@ -74,6 +91,9 @@ def check_ray_address(address: str | None, workers: int) -> None:
     ray = _ray()
     if ray.is_initialized():
         return
+    problem = None if address in (None, "auto") else _reachable(address)
+    if problem is not None:
+        raise ValueError(f"'bcd.ray_address' {address!r} cannot be reached: {problem}")
     try:
         if address is None:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
