@@ -238,6 +238,35 @@ class _Driver:
                     self.clock.elapsed_before)
         return bool(driver.get("finished", False))
 
+    # ------------------------------------------------------------------ whole run
+    def execute(self, saved: Mapping[str, Any] | None) -> PruneResult:
+        """Start, loop, finish and report; dense weights back on any error (after a checkpoint on Ctrl-C)."""
+        try:
+            if not self.start(saved):
+                self.run()
+                self.finish()
+            final_loss = calibration_loss(self.model, self.pool.batches, self.loss_fn, self.pool.device)
+            final_metrics = self.evaluate(force=True)
+            self.save(finished=True)
+            log = self.log
+            logger.info("done: calibration loss %.6g -> %.6g, %d/%d steps accepted", log.init_loss, final_loss,
+                        log.cursor.n_accepted, log.cursor.step)
+            summary = log.summary(self.state, self.clock.elapsed(), self.cfg.derivatives.estimator, final_loss,
+                                  final_metrics)
+            return PruneResult(self.state.masks(), summary, list(log.history))
+        except KeyboardInterrupt:
+            self.save()
+            logger.warning("interrupted at step %d; checkpoint kept (resume with the same command and --resume)",
+                           self.log.cursor.step)
+            self.state.restore()
+            raise
+        except BaseException:
+            self.state.restore()
+            raise
+        finally:
+            self.executor.close()
+            self.solver.close()
+
     # ------------------------------------------------------------------ finish
     def finish(self) -> None:
         """The optional least-squares refit of every layer's kept weights (``bcd.reconstruct``)."""
@@ -309,27 +338,4 @@ def prune(
     saved = ckpt.load_checkpoint(path) if resume and path is not None else None
     pool = SamplePool(batches, _model_device(model), config.bcd.seed, config.derivatives.n_samples)
     driver = _Driver(model, config, pool, loss_fn, chosen, state, solver, hooks)
-    try:
-        if not driver.start(saved):
-            driver.run()
-            driver.finish()
-        final_loss = calibration_loss(model, batches, loss_fn, pool.device)
-        final_metrics = driver.evaluate(force=True)
-        driver.save(finished=True)
-        log = driver.log
-        logger.info("done: calibration loss %.6g -> %.6g, %d/%d steps accepted", log.init_loss, final_loss,
-                    log.cursor.n_accepted, log.cursor.step)
-        summary = log.summary(state, driver.clock.elapsed(), config.derivatives.estimator, final_loss, final_metrics)
-        return PruneResult(state.masks(), summary, list(log.history))
-    except KeyboardInterrupt:
-        driver.save()
-        logger.warning("interrupted at step %d; checkpoint kept (resume with the same command and --resume)",
-                       driver.log.cursor.step)
-        state.restore()
-        raise
-    except BaseException:
-        state.restore()
-        raise
-    finally:
-        driver.executor.close()
-        solver.close()
+    return driver.execute(saved)

@@ -356,7 +356,7 @@ class BcdConfig:
     of the step batch's size drawn apart from the one the moves were fitted on (two forwards of
     that size); ``"batch"`` the fitting batch itself (one forward, but the check then favours moves
     that fit that batch's noise, and the calibration loss drifts up once true improvements get
-    small: on the MNIST example it rose from 0.75 after 240 steps to 0.86 after 744).
+    small; docs/BENCHMARKS.md has the measurement).
     ``reconstruct`` refits kept weights by damped least squares at the end. ``workers`` solves that
     many of a round's blocks at the same time on ``executor``: ``"thread"`` (a local pool) or ``"ray"``
     (a Ray cluster at ``ray_address``; ``null`` starts a local runtime). Masks do not depend on either.
