@@ -46,7 +46,7 @@ from icbs.records import (
     SolverStats,
     StepRecord,
 )
-from icbs.refit import refit_state
+from icbs.refit import Refitter, RowRefit, refit_state
 from icbs.round_check import RoundCheck
 from icbs.schedule import Clock, Cursor, layer_schedule, stop_reason
 from icbs.selection import BlockChooser
@@ -78,6 +78,7 @@ class _Driver:
         self.check = RoundCheck(cfg.bcd.check, model, loss_fn, pool)
         self.executor: Executor = make_executor(cfg.bcd.executor, cfg.bcd.workers, cfg.bcd.ray_address)
         self.chooser: BlockChooser | None = None
+        self.refitter: Refitter | None = None
         self.ready = False  # the masks hold an init or a checkpoint's state (a checkpoint may be written)
 
     # ------------------------------------------------------------------ start
@@ -90,6 +91,9 @@ class _Driver:
             derivatives=self.cfg.derivatives, seed=self.cfg.bcd.seed, act_norms=self.stats.act_norms,
             layer_inputs=self.stats.layer_inputs,
         )
+        if self.cfg.bcd.refit == "rounds":
+            assert self.stats.layer_inputs is not None
+            self.refitter = Refitter(self.stats.layer_inputs, self.cfg.bcd.refit_damping)
         if saved is not None:
             self.ready = True
             return self.load(saved)
@@ -170,8 +174,9 @@ class _Driver:
             log.solver.add(str(solution.info.get("status", "FEASIBLE")), solve_s)
             move = apply_answer(self.state, job, solution, solve_s, by_layer[job.layer])
             moves += [move] if move is not None else []
+        refits = self._refit(moves)
         if moves and check:  # 5. check
-            self._check_round(check_on, before, moves, records)
+            self._check_round(check_on, before, moves, refits, records)
         elif moves:
             self.check.forget()
         log.cursor.step += len(names)
@@ -181,12 +186,22 @@ class _Driver:
             log.history.append(record)
             self._emit(record)
 
+    def _refit(self, moves: list[Move]) -> list[RowRefit]:
+        """Refit the rows the round's moves touched (``bcd.refit: rounds``)."""
+        if self.refitter is None or not moves:
+            return []
+        mark = time.perf_counter()
+        refits = self.refitter.refit_moves(self.state, {move.layer: move.index for move in moves})
+        self.log.timings["refit_s"] += time.perf_counter() - mark
+        return refits
+
     def _check_round(self, check_on: list[dict[str, Tensor]], before: float, moves: list[Move],
-                     records: list[StepRecord]) -> None:
+                     refits: list[RowRefit], records: list[StepRecord]) -> None:
         passed, after = self.check.passes(check_on, before)
         if passed:
             return
         undo_moves(self.state, moves)
+        Refitter.undo(self.state, refits)
         self.log.cursor.n_undone_rounds += 1
         for record in records:
             record.undone, record.accepted = record.accepted, False
@@ -269,12 +284,12 @@ class _Driver:
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> None:
-        """The optional least-squares refit of every layer's kept weights (``bcd.reconstruct``)."""
-        if self.cfg.bcd.reconstruct:
+        """The least-squares refit of every layer's kept weights at the end (``bcd.refit: end``)."""
+        if self.cfg.bcd.refit == "end":
             mark = time.perf_counter()
             assert self.stats.layer_inputs is not None
-            refit_state(self.state, self.stats.layer_inputs, self.cfg.bcd.reconstruct_damping)
-            self.log.timings["reconstruct_s"] = time.perf_counter() - mark
+            refit_state(self.state, self.stats.layer_inputs, self.cfg.bcd.refit_damping)
+            self.log.timings["refit_s"] += time.perf_counter() - mark
         self.state.check_invariants()
 
 
@@ -296,7 +311,7 @@ def prune(
     """Prune ``model`` in place to ``config.pruning.density`` by iterative combinatorial brain surgery.
 
     Everything is validated before the model is touched. The model is left pruned (zeros in the
-    weights, re-fitted kept values where an init or ``bcd.reconstruct`` set them) on success; on any
+    weights, re-fitted kept values where an init or ``bcd.refit`` set them) on success; on any
     error its dense weights are restored before the error propagates, after a checkpoint on Ctrl-C.
 
     Args:

@@ -65,7 +65,12 @@ ESTIMATORS = ("fisher", "exact", "gradient_mean", "layerwise")
 CHECK_MODES = ("fresh", "calibration", "batch")
 EXECUTORS = ("thread", "ray")
 # Keys that moved to another section: the old spelling is an error that names the new one.
-MOVED_KEYS = {"derivatives.damping_frac": "scoring.init_damping_frac"}
+MOVED_KEYS = {
+    "derivatives.damping_frac": "scoring.init_damping_frac",
+    "bcd.reconstruct": "bcd.refit (none, end or rounds)",
+    "bcd.reconstruct_damping": "bcd.refit_damping",
+}
+REFIT_MODES = ("none", "end", "rounds")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _PATTERN_RE = re.compile(r"^(unstructured|per_output|(\d+):(\d+))$")
 
@@ -357,7 +362,9 @@ class BcdConfig:
     that size); ``"batch"`` the fitting batch itself (one forward, but the check then favours moves
     that fit that batch's noise, and the calibration loss drifts up once true improvements get
     small; docs/BENCHMARKS.md has the measurement).
-    ``reconstruct`` refits kept weights by damped least squares at the end. ``workers`` solves that
+    ``refit`` re-fits kept weights by damped least squares on each layer's reconstruction objective
+    (DESIGN.md §9): ``"none"``, ``"end"`` (once, after the loop) or ``"rounds"`` (the rows each round's
+    moves touched, before the round check, so later blocks see current values). ``workers`` solves that
     many of a round's blocks at the same time on ``executor``: ``"thread"`` (a local pool) or ``"ray"``
     (a Ray cluster at ``ray_address``; ``null`` starts a local runtime). Masks do not depend on either.
     """
@@ -371,8 +378,8 @@ class BcdConfig:
     workers: int = 1
     executor: str = "thread"
     ray_address: str | None = None
-    reconstruct: bool = False
-    reconstruct_damping: float = 0.01
+    refit: str = "none"
+    refit_damping: float = 0.01
     seed: int = 0
     checkpoint_every_s: float | None = 300.0
 
@@ -386,7 +393,8 @@ class BcdConfig:
         _choice("bcd.check", self.check, CHECK_MODES)
         _positive("bcd.workers", self.workers)
         _choice("bcd.executor", self.executor, EXECUTORS)
-        _positive("bcd.reconstruct_damping", self.reconstruct_damping, allow_zero=True)
+        _choice("bcd.refit", self.refit, REFIT_MODES)
+        _positive("bcd.refit_damping", self.refit_damping, allow_zero=True)
         _positive("bcd.checkpoint_every_s", self.checkpoint_every_s, allow_none=True)
 
 

@@ -48,7 +48,7 @@ def dense_statistics(model: nn.Module, layers: Mapping[str, nn.Module], pool: Sa
     stats = DenseStatistics()
     if "wanda" in (cfg.scoring.init_method, cfg.scoring.selection_method):
         stats.act_norms = collect_activation_norms(model, layers, pool.device_batches(), loss_fn)
-    if cfg.derivatives.estimator == "layerwise" or cfg.bcd.reconstruct:
+    if cfg.derivatives.estimator == "layerwise" or cfg.bcd.refit != "none":
         stats.layer_inputs = collect_layer_inputs(model, layers, pool.device_batches(), loss_fn)
     return stats
 

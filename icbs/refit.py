@@ -8,6 +8,7 @@ For a layer with dense weight :math:`W_0` and input second moment :math:`C = X X
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 from icbs.exceptions import PruningError
 from icbs.state import PruningState
 
-__all__ = ["reconstruct_weights", "refit_state"]
+__all__ = ["reconstruct_weights", "refit_state", "Refitter", "RowRefit"]
 
 
 @torch.no_grad()
@@ -27,13 +28,13 @@ def reconstruct_weights(w0: Tensor, keep_mask: Tensor, covariance: Tensor, dampi
         w0: ``(n_out, n_in)`` dense original weight.
         keep_mask: ``(n_out, n_in)`` bool.
         covariance: ``(n_in, n_in)`` ``C``.
-        damping: ``bcd.reconstruct_damping``.
+        damping: ``bcd.refit_damping``.
 
     Returns:
         ``(n_out, n_in)`` new weight (zeros where pruned), dtype of ``w0``.
 
     Raises:
-        PruningError: a system is singular (raise ``bcd.reconstruct_damping``).
+        PruningError: a system is singular (raise ``bcd.refit_damping``).
     """
     C = covariance.double().to(w0.device)
     lam = damping * float(torch.diagonal(C).mean())
@@ -48,9 +49,9 @@ def reconstruct_weights(w0: Tensor, keep_mask: Tensor, covariance: Tensor, dampi
         try:
             out[r, cols] = torch.linalg.solve(A, target[r, cols])
         except RuntimeError as err:
-            raise PruningError(f"reconstruction system is singular; increase bcd.reconstruct_damping ({err})") from err
+            raise PruningError(f"reconstruction system is singular; increase bcd.refit_damping ({err})") from err
     if not bool(torch.isfinite(out).all()):
-        raise PruningError("reconstruction gave non-finite weights; increase bcd.reconstruct_damping")
+        raise PruningError("reconstruction gave non-finite weights; increase bcd.refit_damping")
     return out.to(w0.dtype)
 
 
@@ -60,3 +61,114 @@ def refit_state(state: PruningState, covariances: Mapping[str, Tensor], damping:
         layer = state[name]
         state.set_values(name, reconstruct_weights(layer.w0, layer.keep_mask, covariances[name], damping))
     state.apply()
+
+
+def _masked_pcg(H: Tensor, target: Tensor, keep: Tensor, start: Tensor, lam: float, max_iters: int,
+                rtol: float) -> Tensor:
+    """Solve ``(H_SS + lam I) w_S = target_S`` for every row at once, ``w = 0`` off ``S`` (Jacobi-preconditioned CG).
+
+    Args:
+        H: ``(n, n)`` symmetric positive semi-definite, float64.
+        target: ``(R, n)`` right-hand sides (``(H w0_r)`` per row).
+        keep: ``(R, n)`` bool support ``S`` of each row.
+        start: ``(R, n)`` warm start (its values off ``S`` are ignored).
+        lam: ridge ``λ >= 0``.
+        max_iters: iteration cap.
+        rtol: stop when every row's residual is below ``rtol`` times its right-hand side.
+    """
+    M = keep.to(H.dtype)
+    b = target * M
+    precondition = M / (torch.diagonal(H) + lam).clamp_min(1e-300)
+
+    def apply(v: Tensor) -> Tensor:
+        return (v @ H) * M + lam * v
+
+    x = start * M
+    r = b - apply(x)
+    z = r * precondition
+    p = z.clone()
+    rz = (r * z).sum(dim=1)
+    goal = rtol * b.norm(dim=1)
+    for _ in range(max_iters):
+        if bool((r.norm(dim=1) <= goal).all()):
+            break
+        Ap = apply(p)
+        curvature = (p * Ap).sum(dim=1)
+        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(1e-300), torch.zeros_like(rz))
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * Ap
+        z = r * precondition
+        rz_new = (r * z).sum(dim=1)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
+        p = z + beta[:, None] * p
+        rz = rz_new
+    return x
+
+
+@dataclasses.dataclass
+class RowRefit:
+    """The values of some rows of a layer before a refit (what :meth:`Refitter.undo` writes back)."""
+
+    layer: str
+    rows: Tensor  # (R,) long
+    old_values: Tensor  # (R, n_in)
+
+
+class Refitter:
+    """Re-fit the kept weights of the rows a round's moves touched (DESIGN.md §9), warm-started CG.
+
+    After each round's accepted moves, every touched row ``r`` of a layer gets the least-squares values of
+    the module docstring on its new kept set; the weights the row prunes keep their dense value as their
+    value-if-kept. Later blocks then see current values, and the round check compares true losses after
+    the refit. Masks never move here, so every pattern (N:M included) is respected.
+
+    Args:
+        covariances: ``{layer: (n_in, n_in)}`` input second moments ``X X^T / N`` of the dense model.
+        damping: ``bcd.refit_damping`` (λ = damping · mean diag).
+        max_iters: CG iterations per refit (warm starts from the current values converge in few).
+        rtol: CG relative residual tolerance.
+    """
+
+    def __init__(self, covariances: Mapping[str, Tensor], damping: float, max_iters: int = 64,
+                 rtol: float = 1e-6) -> None:
+        self.covariances = {name: c.double() for name, c in covariances.items()}
+        self.damping, self.max_iters, self.rtol = float(damping), int(max_iters), float(rtol)
+
+    @torch.no_grad()
+    def refit_rows(self, state: PruningState, name: str, rows: Tensor) -> RowRefit:
+        """Refit ``rows`` of layer ``name``; store them as values, write the weights; return the undo record."""
+        layer = state[name]
+        rows = rows.to(layer.w0.device)
+        C = self.covariances[name].to(layer.w0.device)
+        lam = self.damping * float(torch.diagonal(C).mean())
+        if layer.values is None:
+            layer.values = layer.w0.clone()
+        old = layer.values[rows].clone()
+        w0 = layer.w0[rows].double()
+        keep = layer.keep_mask[rows]
+        fitted = _masked_pcg(C, w0 @ C, keep, layer.values[rows].double(), lam, self.max_iters, self.rtol)
+        if not bool(torch.isfinite(fitted).all()):
+            raise PruningError(f"the refit of layer {name!r} gave non-finite weights; increase bcd.refit_damping")
+        layer.values[rows] = torch.where(keep, fitted, w0).to(layer.w0.dtype)
+        layer.module.weight.data[rows] = layer.values[rows] * keep.to(layer.w0.dtype)
+        return RowRefit(name, rows, old)
+
+    def refit_moves(self, state: PruningState, touched: Mapping[str, Tensor]) -> list[RowRefit]:
+        """Refit the rows of ``{layer: flat indices}`` (the blocks whose moves were applied)."""
+        refits = []
+        for name, index in touched.items():
+            n_in = state[name].shape[1]
+            rows = torch.unique(torch.div(index.cpu(), n_in, rounding_mode="floor"))
+            refits.append(self.refit_rows(state, name, rows))
+        return refits
+
+    @staticmethod
+    @torch.no_grad()
+    def undo(state: PruningState, refits: list[RowRefit]) -> None:
+        """Put the rows' old values back and rewrite their weights from the (already restored) masks."""
+        for refit in reversed(refits):
+            layer = state[refit.layer]
+            assert layer.values is not None
+            layer.values[refit.rows] = refit.old_values
+            keep = layer.keep_mask[refit.rows].to(layer.w0.dtype)
+            layer.module.weight.data[refit.rows] = refit.old_values * keep

@@ -125,7 +125,7 @@ class LayerState:
         fixed_pruned: ``(n_out, n_in)`` bool, pruned for good.
         fixed_kept: ``(n_out, n_in)`` bool, kept for good.
         tabu: FIFO of recently tried flat indices; ``maxlen`` is the capacity.
-        values: ``(n_out, n_in)`` reconstructed kept values, or ``None`` to use ``w0``.
+        values: ``(n_out, n_in)`` each weight's value if kept (an init's or a refit's), or ``None`` to use ``w0``.
         steps: steps taken in this layer.
         accepted: accepted moves in this layer.
     """
@@ -344,7 +344,7 @@ class PruningState:
         self.layers[name].tabu.extend(int(i) for i in flat_index.tolist())
 
     def set_values(self, name: str, values: Tensor) -> None:
-        """Store reconstructed ``(n_out, n_in)`` values for the kept weights of ``name`` (pruned stay 0)."""
+        """Store ``(n_out, n_in)`` values-if-kept of layer ``name`` (the mask still zeroes the pruned ones)."""
         layer = self.layers[name]
         layer.values = values.detach().to(device=layer.w0.device, dtype=layer.w0.dtype).clone()
 

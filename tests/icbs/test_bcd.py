@@ -213,8 +213,8 @@ def test_reconstruct_weights_solves_masked_least_squares():
 
 def test_bcd_reconstruct_lowers_layerwise_error(mlp_problem, make_config):
     model, calib, loss_fn = mlp_problem()
-    cfg = make_config(derivatives={"estimator": "layerwise"}, bcd={"max_steps": 4, "reconstruct": True,
-                                                                   "reconstruct_damping": 0.01})
+    cfg = make_config(derivatives={"estimator": "layerwise"}, bcd={"max_steps": 4, "refit": "end",
+                                                                   "refit_damping": 0.01})
     dense = model.fc2.weight.detach().clone()
     result = icbs.prune(model, cfg, calib, loss_fn)
     w = model.fc2.weight.detach()

@@ -28,7 +28,7 @@ VARIANTS = {
         "scoring.fix_frac_prune=0.3", "scoring.fix_frac_keep=0.2",
     ],
     "layerwise_refit": [
-        "bcd.max_steps=16", "derivatives.estimator=layerwise", "bcd.check=batch", "bcd.reconstruct=true",
+        "bcd.max_steps=16", "derivatives.estimator=layerwise", "bcd.check=batch", "bcd.refit=end",
         "scoring.selection_method=magnitude",
     ],
 }
