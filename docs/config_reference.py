@@ -41,6 +41,7 @@ DESCRIPTIONS: dict[str, str] = {
     "calibration.batch_size": "samples per calibration batch",
     "calibration.split": "fraction of the corpus used for calibration; evaluation uses the rest",
     "calibration.seed": "seed of the sample draw",
+    "calibration.n_validation": "the last this many calibration samples are a validation split: never estimated on, read only by `bcd.check: validation`",
     "eval.n_samples": "held-out samples (text windows or images; 0 = all images)",
     "eval.seq_len": "tokens per evaluation window",
     "eval.batch_size": "samples per evaluation batch",
@@ -70,7 +71,7 @@ DESCRIPTIONS: dict[str, str] = {
     "bcd.max_epochs": "stop after this many passes over the layer schedule",
     "bcd.min_steps_per_layer": "minimum steps per layer in a pass",
     "bcd.blocks_per_round": "blocks (in different layers) solved from one derivative estimate",
-    "bcd.check": "where a round must not raise the loss or is undone: `calibration` (every calibration "
+    "bcd.check": "where a round must not raise the loss or is undone: `validation` (the `calibration.n_validation` split, never fitted on), `calibration` (every calibration "
     "sample; the calibration loss never rises), `fresh` (a random batch apart from the one the moves "
     "were fitted on), `batch` (the fitting batch: cheapest, but the loss drifts up late in long runs)",
     "bcd.workers": "block solves of a round run at the same time (masks do not depend on it)",

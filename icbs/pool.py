@@ -2,8 +2,10 @@
 
 :class:`SamplePool` holds every calibration sample in one batch on the model's device. Each round
 estimates on ``derivatives.n_samples`` of them, drawn from ``(bcd.seed, step)`` only, and the ``fresh``
-round check draws a disjoint batch of the same size. :func:`calibration_loss` is the mean per-sample
-loss over a list of batches, the quantity the round check and the run's reports compare.
+round check draws a disjoint batch of the same size. The last ``calibration.n_validation`` samples form
+a validation split that nothing estimates on; only the ``validation`` round check reads it.
+:func:`calibration_loss` is the mean per-sample loss over a list of batches, the quantity the round
+check and the run's reports compare.
 """
 
 from __future__ import annotations
@@ -55,11 +57,22 @@ class SamplePool:
         device: the model's device (draws are moved there).
         seed: ``bcd.seed``.
         n_per_step: samples per round (``derivatives.n_samples``; capped at the pool's size).
+        n_validation: samples held out at the end as the validation split.
     """
 
     def __init__(self, calibration: Sequence[Mapping[str, Tensor]], device: torch.device, seed: int,
-                 n_per_step: int) -> None:
+                 n_per_step: int, n_validation: int = 0) -> None:
         self.batches = [dict(b) for b in calibration]
+        self.validation: list[dict[str, Tensor]] = []
+        if n_validation:
+            samples = concat_batches(self.batches)
+            total, per_batch = batch_size(samples), batch_size(self.batches[0])
+            if n_validation >= total:
+                raise ValueError(f"'calibration.n_validation' ({n_validation}) should be below the "
+                                 f"{total} calibration samples")
+            fit = total - n_validation
+            self.batches = [index_batch(samples, torch.arange(i, min(i + per_batch, fit))) for i in range(0, fit, per_batch)]
+            self.validation = [index_batch(samples, torch.arange(fit, total))]
         self.samples = concat_batches(self.batches)
         self.size = batch_size(self.samples)
         self.device = device

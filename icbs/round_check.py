@@ -3,6 +3,8 @@
 The block QUBOs are local quadratic models, and the blocks of one round ignore each other, so every
 round's moves are checked against the true loss on the samples ``bcd.check`` names:
 
+- ``validation``: the validation split (``calibration.n_validation``), which no estimate is fitted on;
+  its loss is cached like ``calibration``'s.
 - ``calibration``: every calibration sample. The loss at the current masks is cached between rounds,
   so the calibration loss of the run never rises.
 - ``fresh``: a batch of the estimation batch's size drawn from the other samples.
@@ -51,10 +53,11 @@ class RoundCheck:
             batch: the round's estimation batch.
             batch_loss: that batch's loss as the estimating pass measured it (NaN when it did not).
         """
-        if self.mode == "calibration":
+        if self.mode in ("calibration", "validation"):
+            samples = self.pool.batches if self.mode == "calibration" else self.pool.validation
             if self._cached is None:
-                self._cached = self._loss(self.pool.batches)
-            return self.pool.batches, self._cached
+                self._cached = self._loss(samples)
+            return samples, self._cached
         if self.mode == "fresh":
             check_on = [self.pool.fresh_batch(first_step)]
             return check_on, self._loss(check_on)
@@ -63,7 +66,7 @@ class RoundCheck:
     def passes(self, check_on: Sequence[dict[str, Tensor]], before: float) -> tuple[bool, float]:
         """Whether the loss on ``check_on`` did not rise above ``before``; also returns the loss now."""
         after = self._loss(check_on)
-        if after <= before and self.mode == "calibration":
+        if after <= before and self.mode in ("calibration", "validation"):
             self._cached = after
         return after <= before, after
 

@@ -87,3 +87,28 @@ def test_bcd_refit_rounds_beats_frozen_weights(mlp_problem, make_config):
                           bcd={"max_steps": 16, "refit": mode})
         losses[mode] = icbs.prune(model, cfg, calib, loss_fn).report.final_loss
     assert losses["rounds"] < losses["none"]
+
+
+def test_bcd_validation_check_never_raises_the_validation_loss(mlp_problem, make_config):
+    from icbs.pool import SamplePool, calibration_loss
+
+    model, calib, loss_fn = mlp_problem(seed=2, n_samples=64)
+    validation = SamplePool(calib, torch.device("cpu"), 0, 8, n_validation=16).validation
+    assert sum(b["x"].shape[0] for b in validation) == 16
+    losses = []
+    cfg = make_config(calibration={"n_validation": 16}, derivatives={"estimator": "fisher", "n_samples": 8},
+                      bcd={"max_steps": 40, "check": "validation", "refit": "rounds"})
+    result = icbs.prune(model, cfg, calib, loss_fn,
+                        callbacks=[lambda r: losses.append(calibration_loss(model, validation, loss_fn, torch.device("cpu")))])
+    assert result.report.accepted > 0
+    assert all(b <= a + 1e-12 for a, b in zip(losses, losses[1:]))
+
+
+def test_config_validation_check_needs_a_validation_split():
+    from icbs.config import load_config
+    from icbs.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="'calibration.n_validation'"):
+        load_config(None, overrides=["bcd.check=validation"])
+    with pytest.raises(ConfigError, match="'calibration.n_validation'"):
+        load_config(None, overrides=["calibration.n_samples=8", "calibration.n_validation=8"])
