@@ -223,7 +223,7 @@ class EvalConfig:
     For text, ``n_samples`` consecutive windows of ``seq_len`` tokens from the held-out part; for
     images, up to ``n_samples`` held-out images (``0`` = all of them). ``lm_eval_tasks`` (causal LMs) run
     at the end of a run, and on the dense model too when ``before`` is set; each entry is an lm-eval
-    task name or a path to a task YAML or a folder of them (see :func:`icbs.evaluation.evaluate_lm_eval`).
+    task name, a task YAML file or a folder that defines tasks (see :func:`icbs.evaluation.evaluate_lm_eval`).
     """
 
     n_samples: int = 64

@@ -201,12 +201,12 @@ def evaluate_lm_eval(
 ) -> dict[str, dict[str, float]]:
     """Zero-shot (or few-shot) tasks of lm-evaluation-harness on the in-memory model.
 
-    A task is an lm-eval task, group or tag name (``"arc_easy"``), a task YAML file (``"tasks/my_qa.yaml"``: the
-    task or group it defines runs, and its folder is searched for the files it includes), or a folder of task
-    YAMLs (``"tasks/"``: every task defined in it runs). An entry is a path when it ends in ``.yaml``/``.yml`` or
-    holds a ``/``; a relative path is read from the working directory. lm-eval seeds Python's, numpy's and
-    torch's global generators; their states are restored afterwards, so a run's own random streams do not
-    depend on whether lm-eval ran.
+    An entry of ``tasks`` is a task, group or tag name (``"arc_easy"``), a task YAML file (``"tasks/qa.yaml"``:
+    the task or group it defines runs), or a folder (``"tasks/"``: lm-eval's ``include_path``; the tasks defined
+    in its YAML files, searched recursively, become known by name, and run when named). An entry is a path when
+    it ends in ``.yaml``/``.yml`` or holds a ``/``; a relative path is read from the working directory. lm-eval
+    seeds Python's, numpy's and torch's global generators; their states are restored afterwards, so a run's own
+    random streams do not depend on whether lm-eval ran.
 
     Args:
         model: a Hugging Face causal LM (pruned weights in place).
@@ -238,8 +238,8 @@ def evaluate_lm_eval(
 def check_lm_eval_tasks(eval_cfg: EvalConfig, kind: str) -> None:
     """Pre-flight check of ``eval.lm_eval_tasks``: the model is a causal LM and lm-eval knows every task.
 
-    Runs before anything is written or loaded. Indexing lm-eval's own tasks takes seconds, so it happens
-    only when an entry is a name; the index is kept for :func:`run_lm_eval`.
+    Runs before anything is written or loaded. Indexing lm-eval's own tasks takes seconds, so it happens only
+    for a name that no listed folder defines; the index is kept for :func:`run_lm_eval`.
 
     Args:
         eval_cfg: the ``eval`` section.
@@ -291,37 +291,40 @@ def _is_path(entry: str) -> bool:
 
 
 def _resolve_tasks(entries: Sequence[str]) -> tuple[tuple[str, ...], Any]:
-    """Task names lm-eval runs for ``entries`` (names and paths) and the task manager that knows them all."""
+    """The specs lm-eval runs for ``entries`` (task names, and YAML files by path) and a task manager that knows them.
+
+    A folder entry runs nothing itself: it joins lm-eval's ``include_path``, so that the tasks defined under it
+    are known by name. lm-eval's own tasks are indexed only when a name is not defined in those folders.
+    """
     if not entries:
         raise ValueError("'eval.lm_eval_tasks' should name at least one task; got none")
     _import_lm_eval()
     names: list[str] = []
+    files: list[str] = []
     folders: list[str] = []
     for entry in entries:
+        path = Path(entry).expanduser().resolve()
         if not _is_path(entry):
             names.append(entry)
-            continue
-        path = Path(entry).expanduser().resolve()
-        if entry.endswith((".yaml", ".yml")):
+        elif entry.endswith((".yaml", ".yml")):
             if not path.is_file():
                 raise ValueError(f"'eval.lm_eval_tasks' names task file {entry!r}, which does not exist")
-            folders.append(str(path.parent))
-            names.append(_yaml_task_name(path, entry))
-        else:
-            if not path.is_dir():
-                raise ValueError(f"'eval.lm_eval_tasks' names task folder {entry!r}, which does not exist")
+            _yaml_task_name(path, entry)
+            files.append(str(path))
+        elif path.is_dir():
             folders.append(str(path))
-            in_folder = _task_manager((str(path),), False).all_subtasks
-            if not in_folder:
-                raise ValueError(f"'eval.lm_eval_tasks' names task folder {entry!r}, which defines no task")
-            names.extend(in_folder)
-    # lm-eval's own tasks are indexed only when an entry names one: local tasks alone need no seconds-long scan.
-    manager = _task_manager(tuple(dict.fromkeys(folders)), any(not _is_path(entry) for entry in entries))
+        else:
+            raise ValueError(f"'eval.lm_eval_tasks' names task folder {entry!r}, which does not exist")
+    if not names and not files:
+        raise ValueError("'eval.lm_eval_tasks' lists only task folders; add the names of the tasks in them to run")
+    manager = _task_manager(tuple(dict.fromkeys(folders)), False)
+    if not set(names) <= set(manager.all_tasks):
+        manager = _task_manager(tuple(dict.fromkeys(folders)), True)
     known = set(manager.all_tasks)
     for name in names:
         if name not in known:
             raise ValueError(f"'eval.lm_eval_tasks' names task {name!r}, which lm-eval does not know")
-    return tuple(dict.fromkeys(names)), manager
+    return tuple(dict.fromkeys(names + files)), manager
 
 
 def _import_lm_eval() -> None:
@@ -349,15 +352,22 @@ _TagTolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
 def _yaml_task_name(path: Path, entry: str) -> str:
-    """The task (or group) a task YAML defines: its ``task`` key when that is a name, else its ``group``."""
-    try:
-        config = yaml.load(path.read_text(), Loader=_TagTolerantLoader)
-    except yaml.YAMLError as err:
-        raise ValueError(f"'eval.lm_eval_tasks' names task file {entry!r}, which is not valid YAML: {err}") from err
-    config = config if isinstance(config, dict) else {}
-    for key in ("task", "group"):
-        if isinstance(config.get(key), str):
-            return str(config[key])
+    """The task (or group) a task YAML defines: its ``task`` key when that is a name, else its ``group``.
+
+    A name the file does not hold is looked up in the files it ``include``s, as lm-eval does.
+    """
+    for _ in range(16):  # include chains are short; the bound stops a cycle
+        try:
+            config = yaml.load(path.read_text(), Loader=_TagTolerantLoader)
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"'eval.lm_eval_tasks' names task file {entry!r}, which cannot be read: {err}") from err
+        config = config if isinstance(config, dict) else {}
+        for key in ("task", "group"):
+            if isinstance(config.get(key), str):
+                return str(config[key])
+        if not isinstance(config.get("include"), str):
+            break
+        path = path.parent / config["include"]
     raise ValueError(f"'eval.lm_eval_tasks' names task file {entry!r}, which defines no 'task' or 'group' name")
 
 

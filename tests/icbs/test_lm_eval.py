@@ -63,6 +63,8 @@ def _write_task(folder: Path, name: str = "icbs_tiny_mc") -> Path:
         "  - metric: acc\n"
         "    aggregation: mean\n"
         "    higher_is_better: true\n"
+        "  - metric: brier_score\n"  # continuous: it tells the dense model from the pruned one
+        "    higher_is_better: false\n"
     )
     return task
 
@@ -92,9 +94,11 @@ def test_lm_eval_tasks_report_the_pruned_models_scores(tmp_path):
         assert scores["sample_len"] == len(_QUESTIONS)
         assert 0.0 <= scores["acc"] <= 1.0
         assert scores["acc"] * len(_QUESTIONS) == pytest.approx(round(scores["acc"] * len(_QUESTIONS)))
+        assert 0.0 < scores["brier_score"] < 2.0
+    assert on_disk["dense"]["icbs_tiny_mc"]["brier_score"] != on_disk["final"]["icbs_tiny_mc"]["brier_score"]
     saved = load_model(ModelConfig(kind="causal_lm", path=str(tmp_path / "out" / "model"), device="cpu"))
-    # The folder entry runs the same task: every task its YAMLs define.
-    direct = evaluate_lm_eval(saved.model, saved.tokenizer, [str(task.parent) + "/"], batch_size=4)
+    # A folder entry makes the tasks under it known by name.
+    direct = evaluate_lm_eval(saved.model, saved.tokenizer, [f"{task.parent}/", "icbs_tiny_mc"], batch_size=4)
     assert direct == on_disk["final"]
     assert runner.run_evaluate(cfg, model_dir=tmp_path / "out").report["lm_eval"] == {"dense": None, "final": direct}
 
@@ -143,16 +147,26 @@ def test_lm_eval_tasks_need_a_causal_lm_before_anything_is_written(tmp_path, cap
 
 
 def test_lm_eval_task_paths_that_name_no_task_are_refused(tmp_path):
-    eval_cfg = EvalConfig(lm_eval_tasks=(str(tmp_path / "missing.yaml"),))
+    def check(*entries: str) -> None:
+        check_lm_eval_tasks(EvalConfig(lm_eval_tasks=entries), "causal_lm")
+
     with pytest.raises(ValueError, match=r"^'eval.lm_eval_tasks' names task file '.*missing.yaml', which does not"):
-        check_lm_eval_tasks(eval_cfg, "causal_lm")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"task folder '.*empty/', which defines no task"):
-        check_lm_eval_tasks(EvalConfig(lm_eval_tasks=(str(tmp_path / "empty") + "/",)), "causal_lm")
+        check(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ValueError, match=r"^'eval.lm_eval_tasks' names task folder '.*missing/', which does not"):
+        check(f"{tmp_path / 'missing'}/", str(_write_task(tmp_path / "tasks")))
+    with pytest.raises(ValueError, match=r"^'eval.lm_eval_tasks' lists only task folders; add the names"):
+        check(f"{tmp_path / 'tasks'}/")
     template = tmp_path / "template.yaml"
     template.write_text("dataset_path: json\nprocess_docs: !function utils.process\n")
-    with pytest.raises(ValueError, match=r"template.yaml', which defines no 'task' or 'group' name"):
-        check_lm_eval_tasks(EvalConfig(lm_eval_tasks=(str(template),)), "causal_lm")
+    with pytest.raises(ValueError, match=r"template.yaml', which defines no 'task' or 'group' name$"):
+        check(str(template))
+    # lm-eval reads a name from the files a task YAML includes; so does the check.
+    named = tmp_path / "named.yaml"
+    named.write_text("include: tasks/icbs_tiny_mc.yaml\nmetadata: {version: 2}\n")
+    check(str(named))
+    named.write_text("include: template.yaml\n")
+    with pytest.raises(ValueError, match=r"named.yaml', which defines no 'task' or 'group' name$"):
+        check(str(named))
 
 
 @pytest.mark.slow
