@@ -7,16 +7,21 @@ task YAML), so nothing touches the network.
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from icbs import runner
 from icbs.cli import main
 from icbs.config import EvalConfig, ModelConfig, load_config
 from icbs.evaluation import check_lm_eval_tasks, evaluate_lm_eval
 from icbs.exceptions import ConfigError
+from icbs.models import load_model
+from icbs.models.builtin import build_tiny_llama
 
 pytest.importorskip("lm_eval")
 
@@ -81,8 +86,6 @@ def _tiny_llama_config(*overrides: str):
 
 @pytest.mark.slow
 def test_lm_eval_tasks_report_the_pruned_models_scores(tmp_path):
-    from icbs.models import load_model
-
     task = _write_task(tmp_path / "tasks")
     cfg = _tiny_llama_config(f"eval.lm_eval_tasks=[{task}]")
     outcome = runner.run_prune(cfg, out_dir=tmp_path / "out", progress=False)
@@ -115,13 +118,6 @@ def test_lm_eval_tasks_score_a_baseline(tmp_path):
 
 
 def test_evaluate_lm_eval_leaves_the_global_random_state_alone(tmp_path):
-    import random
-
-    import numpy as np
-    import torch
-
-    from icbs.models.builtin import build_tiny_llama
-
     model, tokenizer = build_tiny_llama()
     task = _write_task(tmp_path)
     states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
