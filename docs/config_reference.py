@@ -47,7 +47,8 @@ DESCRIPTIONS: dict[str, str] = {
     "eval.batch_size": "samples per evaluation batch",
     "eval.every_s": "seconds between evaluations during a run (`null` = only before/after)",
     "eval.before": "evaluate the dense model first",
-    "eval.lm_eval_tasks": "lm-eval-harness tasks to run at the end (needs the `eval` extra)",
+    "eval.lm_eval_tasks": "lm-eval-harness tasks run on the final (and, with `eval.before`, the dense) causal LM: "
+                          "task names, task YAML files, folders that define tasks (see Zero-shot tasks; needs the `eval` extra)",
     "pruning.density": "fraction of weights KEPT in every pruned layer, in (0, 1)",
     "pruning.pattern": "`unstructured`, `per_output` or `N:M` (e.g. `2:4`; then density must be N/M)",
     "scoring.init_method": "one-shot initial mask: `magnitude`, `wanda`, `gradient`, `random` or `sparsegpt`",

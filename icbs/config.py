@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import types
@@ -234,7 +235,9 @@ class EvalConfig:
     """Evaluation: held-out data size, how often to evaluate during a run, optional lm-eval tasks.
 
     For text, ``n_samples`` consecutive windows of ``seq_len`` tokens from the held-out part; for
-    images, up to ``n_samples`` held-out images (``0`` = all of them).
+    images, up to ``n_samples`` held-out images (``0`` = all of them). ``lm_eval_tasks`` (causal LMs) run
+    at the end of a run, and on the dense model too when ``before`` is set; each entry is an lm-eval
+    task name, a task YAML file or a folder that defines tasks (see :func:`icbs.evaluation.evaluate_lm_eval`).
     """
 
     n_samples: int = 64
@@ -249,6 +252,14 @@ class EvalConfig:
         _positive("eval.seq_len", self.seq_len)
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.every_s", self.every_s, allow_none=True)
+        if any(not entry.strip() for entry in self.lm_eval_tasks):
+            _fail("eval.lm_eval_tasks", "lm-eval task names or task YAML paths, none empty", list(self.lm_eval_tasks))
+        # Whether lm-eval knows each task is checked before the run starts (icbs.evaluation.check_lm_eval_tasks):
+        # indexing its tasks takes seconds. Only its presence is checked here.
+        if self.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError(
+                "'eval.lm_eval_tasks' needs lm-evaluation-harness; install it with `pip install icbs[eval]`"
+            )
 
 
 @dataclass(frozen=True)

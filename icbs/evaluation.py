@@ -4,21 +4,31 @@ Perplexity of a language model is ``exp`` of the mean next-token negative log-li
 held-out target tokens (padding excluded), not the mean of per-window perplexities. Classifiers report
 top-1 accuracy and the mean cross-entropy (or the adapter's loss). :func:`density_report` counts the
 zeros actually in the weights, so it checks what was saved rather than what a mask says. Zero-shot
-benchmarks go through lm-evaluation-harness when it is installed (``pip install icbs[eval]``).
+benchmarks go through lm-evaluation-harness when it is installed (``pip install icbs[eval]``): lm-eval's
+own tasks by name, or the user's task YAMLs by path.
 All evaluation runs under ``torch.no_grad`` with the model in eval mode (restored afterwards).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import os
+import random
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
+
+from icbs.config import EvalConfig
 
 __all__ = [
     "token_nll",
@@ -26,6 +36,8 @@ __all__ = [
     "evaluate_classifier",
     "density_report",
     "evaluate_lm_eval",
+    "check_lm_eval_tasks",
+    "run_lm_eval",
 ]
 
 logger = logging.getLogger(__name__)
@@ -189,34 +201,194 @@ def evaluate_lm_eval(
 ) -> dict[str, dict[str, float]]:
     """Zero-shot (or few-shot) tasks of lm-evaluation-harness on the in-memory model.
 
+    An entry of ``tasks`` is a task, group or tag name (``"arc_easy"``), a task YAML file (``"tasks/qa.yaml"``:
+    the task or group it defines runs), or a folder (``"tasks/"``: lm-eval's ``include_path``; the tasks defined
+    in its YAML files, searched recursively, become known by name, and run when named). An entry is a path when
+    it ends in ``.yaml``/``.yml`` or holds a ``/``; a relative path is read from the working directory. lm-eval
+    seeds Python's, numpy's and torch's global generators; their states are restored afterwards, so a run's own
+    random streams do not depend on whether lm-eval ran.
+
     Args:
         model: a Hugging Face causal LM (pruned weights in place).
         tokenizer: its tokenizer.
-        tasks: lm-eval task names, e.g. ``["arc_easy", "hellaswag"]``.
+        tasks: task names and paths, as above.
         batch_size: lm-eval batch size.
         limit: lm-eval's per-task example limit (for quick looks).
         num_fewshot: few-shot examples; ``None`` = the task default (zero-shot for most).
 
     Returns:
-        ``{task: {metric: value}}`` with lm-eval's numeric metrics.
+        ``{task: {metric: value}}`` with lm-eval's numeric results; a metric under lm-eval's default filter is
+        named without its ``,none`` suffix (``"acc"``, ``"acc_stderr"``).
 
     Raises:
         ImportError: lm-eval is not installed (``pip install icbs[eval]``).
-        ValueError: no tasks.
+        ValueError: no tasks, a task lm-eval does not know, or a task path that is missing or names no task.
     """
-    if not tasks:
+    names, manager = _resolve_tasks(tasks)
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+    with _eval_mode(model), _kept_rng_state():
+        results = simple_evaluate(model=wrapped, tasks=list(names), task_manager=manager, limit=limit,
+                                  num_fewshot=num_fewshot)
+    return {task: _numeric(metrics) for task, metrics in (results or {}).get("results", {}).items()}
+
+
+def check_lm_eval_tasks(eval_cfg: EvalConfig, kind: str) -> None:
+    """Pre-flight check of ``eval.lm_eval_tasks``: the model is a causal LM and lm-eval knows every task.
+
+    Runs before anything is written or loaded. Indexing lm-eval's own tasks takes seconds, so it happens only
+    for a name that no listed folder defines; the index is kept for :func:`run_lm_eval`.
+
+    Args:
+        eval_cfg: the ``eval`` section.
+        kind: the model family the run loads (``model.kind``, or the built-in model's own).
+
+    Raises:
+        ValueError: a model that is not a causal LM, a task lm-eval does not know, or a bad task path.
+        ImportError: lm-eval is not installed.
+    """
+    if not eval_cfg.lm_eval_tasks:
+        return
+    if kind != "causal_lm":
+        raise ValueError(f"'eval.lm_eval_tasks' needs a causal language model (model.kind 'causal_lm'); got {kind!r}")
+    _resolve_tasks(eval_cfg.lm_eval_tasks)
+
+
+def run_lm_eval(
+    eval_cfg: EvalConfig, model: nn.Module, tokenizer: Any, stage: str = "final"
+) -> dict[str, dict[str, float]] | None:
+    """Run ``eval.lm_eval_tasks`` on the model as it is now and log one line of results.
+
+    Args:
+        eval_cfg: the ``eval`` section (its ``batch_size`` is lm-eval's batch size).
+        model: the causal LM (dense or pruned, in memory).
+        tokenizer: its tokenizer.
+        stage: what the model is (``"dense"``, ``"final"``), for the log line.
+
+    Returns:
+        ``{task: {metric: value}}`` as :func:`evaluate_lm_eval` gives, or ``None`` when no task is set.
+    """
+    if not eval_cfg.lm_eval_tasks:
+        return None
+    started = time.perf_counter()
+    results = evaluate_lm_eval(model, tokenizer, eval_cfg.lm_eval_tasks, batch_size=eval_cfg.batch_size)
+    summary = "; ".join(
+        f"{task} " + ", ".join(f"{name}={value:.4f}" for name, value in metrics.items() if name in _HEADLINE)
+        for task, metrics in results.items()
+    )
+    logger.info("lm-eval, %s model (%.0f s): %s", stage, time.perf_counter() - started, summary)
+    return results
+
+
+# Metrics worth a log line; the report keeps every numeric result.
+_HEADLINE = ("acc", "acc_norm", "exact_match", "f1", "mcc", "perplexity", "word_perplexity")
+
+
+def _is_path(entry: str) -> bool:
+    return entry.endswith((".yaml", ".yml")) or "/" in entry or os.sep in entry
+
+
+def _resolve_tasks(entries: Sequence[str]) -> tuple[tuple[str, ...], Any]:
+    """The specs lm-eval runs for ``entries`` (task names, and YAML files by path) and a task manager that knows them.
+
+    A folder entry runs nothing itself: it joins lm-eval's ``include_path``, so that the tasks defined under it
+    are known by name. lm-eval's own tasks are indexed only when a name is not defined in those folders.
+    """
+    if not entries:
         raise ValueError("'eval.lm_eval_tasks' should name at least one task; got none")
+    _import_lm_eval()
+    names: list[str] = []
+    files: list[str] = []
+    folders: list[str] = []
+    for entry in entries:
+        path = Path(entry).expanduser().resolve()
+        if not _is_path(entry):
+            names.append(entry)
+        elif entry.endswith((".yaml", ".yml")):
+            if not path.is_file():
+                raise ValueError(f"'eval.lm_eval_tasks' names task file {entry!r}, which does not exist")
+            _yaml_task_name(path, entry)
+            files.append(str(path))
+        elif path.is_dir():
+            folders.append(str(path))
+        else:
+            raise ValueError(f"'eval.lm_eval_tasks' names task folder {entry!r}, which does not exist")
+    if not names and not files:
+        raise ValueError("'eval.lm_eval_tasks' lists only task folders; add the names of the tasks in them to run")
+    manager = _task_manager(tuple(dict.fromkeys(folders)), False)
+    if not set(names) <= set(manager.all_tasks):
+        manager = _task_manager(tuple(dict.fromkeys(folders)), True)
+    known = set(manager.all_tasks)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"'eval.lm_eval_tasks' names task {name!r}, which lm-eval does not know")
+    return tuple(dict.fromkeys(names + files)), manager
+
+
+def _import_lm_eval() -> None:
     try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
+        import lm_eval  # noqa: F401
     except ImportError as err:
         raise ImportError(
-            "zero-shot evaluation needs lm-evaluation-harness; install it with `pip install icbs[eval]`"
+            "'eval.lm_eval_tasks' needs lm-evaluation-harness; install it with `pip install icbs[eval]`"
         ) from err
-    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    with _eval_mode(model):
-        results = lm_eval.simple_evaluate(model=wrapped, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot)
-    out: dict[str, dict[str, float]] = {}
-    for task, metrics in results.get("results", {}).items():
-        out[task] = {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
-    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(folders: tuple[str, ...], with_lm_eval_tasks: bool) -> Any:
+    """lm-eval's task index over ``folders`` (plus its own tasks); cached because indexing takes seconds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(folders) or None, include_defaults=with_lm_eval_tasks)
+
+
+class _TagTolerantLoader(yaml.SafeLoader):
+    """Reads lm-eval task YAMLs without running their ``!function`` tags (only the names are wanted)."""
+
+
+_TagTolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def _yaml_task_name(path: Path, entry: str) -> str:
+    """The task (or group) a task YAML defines: its ``task`` key when that is a name, else its ``group``.
+
+    A name the file does not hold is looked up in the files it ``include``s, as lm-eval does.
+    """
+    for _ in range(16):  # include chains are short; the bound stops a cycle
+        try:
+            config = yaml.load(path.read_text(), Loader=_TagTolerantLoader)
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"'eval.lm_eval_tasks' names task file {entry!r}, which cannot be read: {err}") from err
+        config = config if isinstance(config, dict) else {}
+        for key in ("task", "group"):
+            if isinstance(config.get(key), str):
+                return str(config[key])
+        if not isinstance(config.get("include"), str):
+            break
+        path = path.parent / config["include"]
+    raise ValueError(f"'eval.lm_eval_tasks' names task file {entry!r}, which defines no 'task' or 'group' name")
+
+
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """lm-eval's numeric results of one task; ``"acc,none"`` becomes ``"acc"`` (other filters keep theirs)."""
+    return {
+        key.removesuffix(",none"): float(value)
+        for key, value in metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+@contextlib.contextmanager
+def _kept_rng_state() -> Iterator[None]:
+    """Restore Python's, numpy's and torch's global random states on exit."""
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)

@@ -23,6 +23,8 @@ from torch import nn
 import solvers
 from icbs import export
 from icbs.config import IcbsConfig, ModelConfig
+from icbs.evaluation import check_lm_eval_tasks, run_lm_eval
+from icbs.models import model_kind
 from icbs.records import EvalRecord, StepRecord
 
 __all__ = [
@@ -282,6 +284,7 @@ def run_prune(
     """
     import icbs
 
+    check_lm_eval_tasks(cfg.eval, model_kind(cfg.model))
     path = _prepare(cfg, out_dir, overwrite=overwrite, resume=resume)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -292,12 +295,13 @@ def run_prune(
     layers = _layers(cfg, loaded)
     evaluate = _evaluator(loaded, evaluation)
     timings["data_s"] = time.perf_counter() - mark
-    dense = None
+    dense = lm_eval_dense = None
     if cfg.eval.before:
         mark = time.perf_counter()
         dense = evaluate(loaded.model)
         timings["eval_dense_s"] = time.perf_counter() - mark
         logger.info("dense model: %s", _fmt(dense))
+        lm_eval_dense = run_lm_eval(cfg.eval, loaded.model, loaded.tokenizer, "dense")
     reporter = ProgressReporter(cfg.bcd.time_budget, cfg.bcd.max_steps,
                                 log_every_s=min(cfg.eval.every_s or 30.0, 30.0), enabled=progress)
     mark = time.perf_counter()
@@ -346,6 +350,7 @@ def run_prune(
         "versions": export.collect_versions(),
         "prune": core,
     }
+    report["lm_eval"] = {"dense": lm_eval_dense, "final": run_lm_eval(cfg.eval, loaded.model, loaded.tokenizer)}
     timings["total_s"] = time.perf_counter() - started
     _write_outputs(path, cfg, loaded, masks, report)
     checkpoint = path / export.CHECKPOINT_NAME
@@ -382,13 +387,15 @@ def run_evaluate(cfg: IcbsConfig, *, model_dir: str | Path | None = None) -> Run
     """
     from icbs.evaluation import density_report
 
+    check_lm_eval_tasks(cfg.eval, model_kind(cfg.model))
     loaded = _load(cfg.model) if model_dir is None else _load_saved(cfg, Path(model_dir))
     _calibration, evaluation = _data(cfg, loaded)
     layers = _layers(cfg, loaded)
     metrics = _evaluator(loaded, evaluation)(loaded.model)
     densities = density_report(loaded.model, layers)
     report = {"command": "evaluate", "model": loaded.name, "metric": primary_metric(metrics),
-              "metrics": {"final": metrics}, "density_report": densities}
+              "metrics": {"final": metrics}, "density_report": densities,
+              "lm_eval": {"dense": None, "final": run_lm_eval(cfg.eval, loaded.model, loaded.tokenizer)}}
     return RunOutcome(None, primary_metric(metrics), None, None, metrics, _total_density(densities), report)
 
 
@@ -424,6 +431,7 @@ def run_baseline(
     """
     if method not in BASELINE_METHODS:
         raise ValueError(f"'method' should be one of {', '.join(BASELINE_METHODS)}; got {method!r}")
+    check_lm_eval_tasks(cfg.eval, model_kind(cfg.model))
     target = Path(out_dir) if out_dir is not None else Path(f"{cfg.export.dir.rstrip('/')}-{method}")
     path = _prepare(cfg, target, overwrite=overwrite, resume=False)
     from icbs.baselines import run_baseline as baseline
@@ -436,6 +444,7 @@ def run_baseline(
     dense = evaluate(loaded.model) if cfg.eval.before else None
     if dense is not None:
         logger.info("dense model: %s", _fmt(dense))
+    lm_eval_dense = run_lm_eval(cfg.eval, loaded.model, loaded.tokenizer, "dense") if cfg.eval.before else None
     mark = time.perf_counter()
     masks = baseline(method, loaded.model, layers, calibration, loaded.adapter.per_sample_loss,
                      density=cfg.pruning.density, pattern=cfg.pruning.pattern, seed=cfg.bcd.seed)
@@ -458,6 +467,7 @@ def run_baseline(
         "seed": cfg.bcd.seed,
         "config": cfg.to_dict(),
         "versions": export.collect_versions(),
+        "lm_eval": {"dense": lm_eval_dense, "final": run_lm_eval(cfg.eval, loaded.model, loaded.tokenizer)},
     }
     _write_outputs(path, dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, plots=False)),
                    loaded, masks, report)

@@ -34,6 +34,7 @@ from icbs.models.image_classifier import ImageClassifierAdapter
 
 __all__ = [
     "load_model",
+    "model_kind",
     "LoadedModel",
     "ModelAdapter",
     "ClassifierAdapter",
@@ -50,6 +51,11 @@ _BUILTIN_KINDS = {
     "smollm2": "causal_lm",
     "tiny_llama": "causal_lm",
 }
+
+
+def model_kind(cfg: ModelConfig) -> str:
+    """The family a ``model`` section loads as, known before loading: a built-in model's own, else ``model.kind``."""
+    return _BUILTIN_KINDS.get(cfg.builtin, cfg.kind) if cfg.builtin is not None else cfg.kind
 
 
 def _load_builtin(cfg: ModelConfig) -> LoadedModel:
