@@ -170,7 +170,8 @@ def save_hf_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, 
         kwargs: dict[str, Any] = {}
         if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
             kwargs["safe_serialization"] = True
-        model.save_pretrained(str(out), **kwargs)
+        with _transformers_bars(progress):
+            model.save_pretrained(str(out), **kwargs)
         steps.update()
         if tokenizer is not None:
             steps.set_description("save tokenizer")
