@@ -9,7 +9,7 @@ step batch, the default solver, for ``--budget`` seconds. Restricting the layers
 (it stops at the earliest pruned layer) while every round still pays a full forward of the 1.1B model;
 it also keeps the pruning state (a weight copy and three masks per pruned weight) small.
 
-Measured: parameters, model bytes, peak RSS while the prune runs (sampled every 0.1 s with psutil, and
+Measured: parameters, model bytes, peak RSS while the prune runs (sampled every 0.1 s from /proc, and
 ``ru_maxrss`` of the whole process), blocks per minute, the forward+backward time of a round, the check
 forward, the solve time per block, and one plain no-grad forward of the step batch (for per-layer costs).
 
@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -43,12 +42,12 @@ from icbs.models import CausalLMAdapter  # noqa: E402
 
 #: LlamaConfig keyword arguments per size name (``tiny`` is for smoke runs).
 SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
+    "tiny": {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 512},
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+           "num_key_value_heads": 4, "vocab_size": 32000},
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "vocab_size": 32000},
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LINEARS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
@@ -82,31 +81,39 @@ def include_pattern(n_layers: int, blocks: int) -> str:
     return rf"model\.layers\.({'|'.join(str(i) for i in range(n_layers - blocks, n_layers))})\."
 
 
-def prune_config(blocks: int, budget_s: float, n_samples: int, block_size: int) -> Any:
-    """The benchmark's icbs config: fisher, one block per pruned layer per round, the check on the step batch."""
+def prune_config(per_round: int, budget_s: float, n_samples: int, block_size: int) -> Any:
+    """The benchmark's icbs config: fisher, ``per_round`` blocks (layers) per round, the check on the step batch."""
     return config_from_dict({
         "pruning": {"density": 0.5},
         "blocks": {"block_size": block_size, "k": block_size // 2},
         "derivatives": {"estimator": "fisher", "n_samples": n_samples},
-        "bcd": {"time_budget": budget_s, "blocks_per_round": blocks * LINEARS_PER_BLOCK, "check": "batch",
+        "bcd": {"time_budget": budget_s, "blocks_per_round": per_round, "check": "batch",
                 "checkpoint_every_s": None, "seed": 0},
         "eval": {"every_s": None},
     })
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (``/proc/self/statm``; the lifetime peak where there is no /proc)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class PeakRss:
     """Samples this process's resident set size in a thread; ``peak`` is the largest value seen (bytes)."""
 
     def __init__(self, every_s: float = 0.1) -> None:
-        self._process = psutil.Process(os.getpid())
         self._every_s = every_s
         self._stop = threading.Event()
-        self.peak = self._process.memory_info().rss
+        self.peak = current_rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self._every_s):
-            self.peak = max(self.peak, self._process.memory_info().rss)
+            self.peak = max(self.peak, current_rss())
 
     def __enter__(self) -> PeakRss:
         self._thread.start()
@@ -115,7 +122,7 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
+        self.peak = max(self.peak, current_rss())
 
 
 def _sync(device: str) -> None:
@@ -134,16 +141,19 @@ def warm_up(device: str) -> None:
 
 
 def measure(size: str, dtype: torch.dtype, device: str, *, budget_s: float, blocks: int, n_samples: int,
-            seq_len: int, block_size: int) -> dict[str, Any]:
-    """Build, time one forward, prune for ``budget_s`` seconds; return the measured numbers."""
+            seq_len: int, block_size: int, per_round: int | None = None) -> dict[str, Any]:
+    """Build, time one forward, prune for ``budget_s`` seconds; return the measured numbers.
+
+    ``blocks`` last decoder blocks are pruned, ``per_round`` layers per round (default: all of them).
+    """
     warm_up(device)
-    rss_before = psutil.Process(os.getpid()).memory_info().rss
+    rss_before = current_rss()
     t0 = time.perf_counter()
     model = build_llama(size, dtype, device)
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    rss_model = psutil.Process(os.getpid()).memory_info().rss
+    rss_model = current_rss()
     windows = random_windows(model.config.vocab_size, n_samples, seq_len, n_samples)
     adapter = CausalLMAdapter()
     batch = {key: value.to(device) for key, value in windows[0].items()}
@@ -154,7 +164,7 @@ def measure(size: str, dtype: torch.dtype, device: str, *, budget_s: float, bloc
         adapter.per_sample_loss(model, batch)
         _sync(device)
         forward_s = time.perf_counter() - t0
-    cfg = prune_config(blocks, budget_s, n_samples, block_size)
+    cfg = prune_config(per_round or blocks * LINEARS_PER_BLOCK, budget_s, n_samples, block_size)
     layers = find_prunable(model, include=(include_pattern(model.config.num_hidden_layers, blocks),))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

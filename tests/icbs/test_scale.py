@@ -159,3 +159,19 @@ def test_bf16_fisher_estimate_is_close_to_float32():
     g_err = abs(low.g - ref.g).max() / abs(ref.g).max()
     h_err = abs(low.H - ref.H).max() / abs(ref.H).max()
     assert g_err < 0.03 and h_err < 0.03, (g_err, h_err)  # about 0.007 each in bf16's 8-bit mantissa
+
+
+def test_loading_and_saving_draw_progress_bars_only_when_asked(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from icbs.models.causal_lm import load_hf_model, save_hf_model
+
+    model, tokenizer = build_tiny_llama(seed=1)
+    save_hf_model(model, tmp_path / "quiet", tokenizer)
+    load_hf_model(AutoModelForCausalLM, str(tmp_path / "quiet"), device="cpu")
+    quiet = capsys.readouterr().err
+    assert "save weights" not in quiet and "load model" not in quiet and "%|" not in quiet
+    save_hf_model(model, tmp_path / "shown", tokenizer, progress=True)
+    load_hf_model(AutoModelForCausalLM, str(tmp_path / "shown"), device="cpu", progress=True)
+    shown = capsys.readouterr().err
+    assert "save weights" in shown and "save tokenizer" in shown and "load model" in shown
