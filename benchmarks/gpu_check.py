@@ -47,14 +47,14 @@ def _gib(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f}"
 
 
-def throughput_rows(sizes: list[str], device: str, dtype: torch.dtype, *, budget_s: float, per_round: int,
-                    n_samples: int, seq_len: int, block_size: int) -> list[dict[str, Any]]:
-    """Prune each size for ``budget_s`` seconds (every decoder block included); the measured rows."""
+def throughput_rows(sizes: list[str], device: str, dtype: torch.dtype, *, budget_s: float | None, per_round: int,
+                    n_samples: int, seq_len: int, block_size: int, max_steps: int | None = None) -> list[dict[str, Any]]:
+    """Prune each size for ``budget_s`` seconds or ``max_steps`` (every decoder block included); the rows."""
     rows = []
     for size in sizes:
         n_layers = scale.SIZES[size]["num_hidden_layers"]
         row = scale.measure(size, dtype, device, budget_s=budget_s, blocks=n_layers, n_samples=n_samples,
-                            seq_len=seq_len, block_size=block_size, per_round=per_round)
+                            seq_len=seq_len, block_size=block_size, per_round=per_round, max_steps=max_steps)
         rows.append(row)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -136,21 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-round", type=int, default=14, help="blocks (layers) per round")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    if args.smoke:
+    if args.smoke:  # one round per model whatever the machine's speed; nothing here is timed seriously
         sizes, device, dtype = ["tiny", "tiny"], "cpu", torch.float32
-        budget, n_samples, seq_len, block_size, parity_size = 2.0, 2, 16, 64, "tiny"
+        budget, max_steps, n_samples, seq_len, block_size = None, args.per_round, 2, 16, 64
     else:
         if not torch.cuda.is_available():
             print("gpu_check: no CUDA device; run with --smoke to check the script on the CPU", file=sys.stderr)
             return 2
         sizes, device, dtype = ["1b", "7b"], "cuda", torch.bfloat16
-        budget, n_samples, seq_len, block_size, parity_size = args.budget, 8, 128, 1024, "tiny"
+        budget, max_steps, n_samples, seq_len, block_size = args.budget, None, 8, 128, 1024
         print(torch.cuda.get_device_name(0), f"torch {torch.__version__}")
+        scale.warm_up(device)
     rows = throughput_rows(sizes, device, dtype, budget_s=budget, per_round=args.per_round, n_samples=n_samples,
-                           seq_len=seq_len, block_size=block_size)
+                           seq_len=seq_len, block_size=block_size, max_steps=max_steps)
     print(throughput_table(rows))
     print()
-    print(parity_table(parity_rows(parity_size, device)))
+    print(parity_table(parity_rows("tiny", device)))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return 0
 

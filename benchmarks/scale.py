@@ -81,13 +81,14 @@ def include_pattern(n_layers: int, blocks: int) -> str:
     return rf"model\.layers\.({'|'.join(str(i) for i in range(n_layers - blocks, n_layers))})\."
 
 
-def prune_config(per_round: int, budget_s: float, n_samples: int, block_size: int) -> Any:
+def prune_config(per_round: int, budget_s: float | None, n_samples: int, block_size: int,
+                 max_steps: int | None = None) -> Any:
     """The benchmark's icbs config: fisher, ``per_round`` blocks (layers) per round, the check on the step batch."""
     return config_from_dict({
         "pruning": {"density": 0.5},
         "blocks": {"block_size": block_size, "k": block_size // 2},
         "derivatives": {"estimator": "fisher", "n_samples": n_samples},
-        "bcd": {"time_budget": budget_s, "blocks_per_round": per_round, "check": "batch",
+        "bcd": {"time_budget": budget_s, "max_steps": max_steps, "blocks_per_round": per_round, "check": "batch",
                 "checkpoint_every_s": None, "seed": 0},
         "eval": {"every_s": None},
     })
@@ -140,13 +141,13 @@ def warm_up(device: str) -> None:
     prune(model, cfg, windows, CausalLMAdapter().per_sample_loss)
 
 
-def measure(size: str, dtype: torch.dtype, device: str, *, budget_s: float, blocks: int, n_samples: int,
-            seq_len: int, block_size: int, per_round: int | None = None) -> dict[str, Any]:
-    """Build, time one forward, prune for ``budget_s`` seconds; return the measured numbers.
+def measure(size: str, dtype: torch.dtype, device: str, *, budget_s: float | None, blocks: int, n_samples: int,
+            seq_len: int, block_size: int, per_round: int | None = None, max_steps: int | None = None) -> dict[str, Any]:
+    """Build, time one forward, prune for ``budget_s`` seconds (or ``max_steps``); return the measured numbers.
 
-    ``blocks`` last decoder blocks are pruned, ``per_round`` layers per round (default: all of them).
+    ``blocks`` last decoder blocks are pruned, ``per_round`` layers per round (default: all of them). Call
+    :func:`warm_up` first so that compiling the solver kernel is not timed.
     """
-    warm_up(device)
     rss_before = current_rss()
     t0 = time.perf_counter()
     model = build_llama(size, dtype, device)
@@ -164,7 +165,7 @@ def measure(size: str, dtype: torch.dtype, device: str, *, budget_s: float, bloc
         adapter.per_sample_loss(model, batch)
         _sync(device)
         forward_s = time.perf_counter() - t0
-    cfg = prune_config(per_round or blocks * LINEARS_PER_BLOCK, budget_s, n_samples, block_size)
+    cfg = prune_config(per_round or blocks * LINEARS_PER_BLOCK, budget_s, n_samples, block_size, max_steps)
     layers = find_prunable(model, include=(include_pattern(model.config.num_hidden_layers, blocks),))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    warm_up(args.device)
     row = measure(args.size, DTYPES[args.dtype], args.device, budget_s=args.budget, blocks=args.blocks,
                   n_samples=args.n_samples, seq_len=args.seq_len, block_size=args.block_size)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "

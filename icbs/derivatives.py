@@ -373,7 +373,13 @@ def _per_sample(
 
             return hook
 
+        # Only the blocked weights require grad during the pass: no graph (and no saved activation) is built
+        # before the earliest blocked layer, so memory is the model plus the activations from there on.
+        blocked = {id(b.module.weight) for b in linear}
+        frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in blocked]
         try:
+            for param in frozen:
+                param.requires_grad_(False)
             for block in linear:
                 # The weight must require grad so the layer output joins the graph; autograd.grad below
                 # asks only for output gradients, so no weight gradient is ever computed.
@@ -387,10 +393,15 @@ def _per_sample(
                 outputs = [out for b in linear for _, out in captured[b.name]]
                 # Gradient of the SUM of per-sample losses: the output gradient of sample s is that of
                 # its own loss, since samples do not interact in the forward.
-                grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+                if losses.requires_grad:
+                    grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+                else:  # no blocked layer reaches the loss: every output gradient is zero
+                    grads = tuple(None for _ in outputs)
             _sync(device)
             result.timings["backward"] = time.perf_counter() - t_forward
         finally:
+            for param in frozen:
+                param.requires_grad_(True)
             for handle in handles:
                 handle.remove()
             for block, flag in zip(linear, flags):

@@ -29,7 +29,7 @@ def test_gpu_check_smoke_prunes_two_models_and_reports_exact_cpu_parity(capsys):
     assert len(rows) == 2
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert int(cells[4]) >= 1  # blocks solved
+        assert int(cells[4]) == 14  # one round of --per-round blocks
         assert float(cells[5]) > 0  # blocks per second
     parity = re.findall(r"^\| (fisher|layerwise) \| (.+?) \| (\S+) \| (\S+) \|$", out, flags=re.MULTILINE)
     assert [(est, where) for est, where, _, _ in parity] == [

@@ -175,3 +175,22 @@ def test_loading_and_saving_draw_progress_bars_only_when_asked(tmp_path, capsys)
     load_hf_model(AutoModelForCausalLM, str(tmp_path / "shown"), device="cpu", progress=True)
     shown = capsys.readouterr().err
     assert "save weights" in shown and "save tokenizer" in shown and "load model" in shown
+
+
+def test_fisher_pass_builds_no_graph_before_the_first_blocked_layer_and_restores_flags():
+    model, _ = build_tiny_llama(seed=6)
+    model.model.embed_tokens.weight.requires_grad_(False)  # a user's own flag must survive too
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    seen: dict[str, bool] = {}
+    early, late = model.model.layers[0].mlp.down_proj, model.model.layers[1].self_attn.q_proj
+    handles = [module.register_forward_hook(lambda _m, _a, out, key=key: seen.__setitem__(key, out.requires_grad))
+               for key, module in (("early", early), ("late", late))]
+    ids, mask = _windows(259)
+    try:
+        estimate_blocks("fisher", model, {"late": (late, torch.arange(16))}, {"input_ids": ids, "attention_mask": mask},
+                        CausalLMAdapter().per_sample_loss)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == {"early": False, "late": True}
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
