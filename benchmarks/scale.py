@@ -232,13 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-samples", type=int, default=2, help="windows per step batch (= calibration set)")
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=1024)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many blocks (with --budget)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     warm_up(args.device)
     row = measure(args.size, DTYPES[args.dtype], args.device, budget_s=args.budget, blocks=args.blocks,
-                  n_samples=args.n_samples, seq_len=args.seq_len, block_size=args.block_size)
+                  n_samples=args.n_samples, seq_len=args.seq_len, block_size=args.block_size, max_steps=args.max_steps)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(table(row))
