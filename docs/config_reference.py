@@ -27,6 +27,7 @@ DESCRIPTIONS: dict[str, str] = {
     "model.gguf_file": "GGUF file inside `path` (or an absolute path); de-quantised on load",
     "model.dtype": "`float32`, `float16`, `bfloat16` or `float64`",
     "model.device": "`auto`, `cpu`, `cuda`, `cuda:N` or `mps`",
+    "model.device_map": "shard a Hugging Face model over devices with accelerate: `auto`, `balanced`, `balanced_low_0`, `sequential`, or a mapping module name -> device (`{\"\": cpu}`, `{model.layers.0: 0}`); replaces `device`",
     "model.include": "regexes (`re.search`) over `nn.Linear` module names to prune; empty = all but the head",
     "model.exclude": "regexes of layers to leave dense",
     "model.cache_dir": "where built-in models are cached (default `~/.cache/icbs`)",

@@ -55,6 +55,7 @@ __all__ = [
     "SCORE_SCOPES",
     "ESTIMATORS",
     "CHECK_MODES",
+    "DEVICE_MAP_STRATEGIES",
 ]
 
 MODEL_KINDS = ("classifier", "causal_lm", "image_classifier")
@@ -73,6 +74,7 @@ MOVED_KEYS = {
 }
 REFIT_MODES = ("none", "end", "rounds")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _PATTERN_RE = re.compile(r"^(unstructured|per_output|(\d+):(\d+))$")
 
 
@@ -164,6 +166,9 @@ class ModelConfig:
     network; ``gguf_file`` names a GGUF file inside ``path`` (or an absolute one).
     ``include``/``exclude`` are regular expressions matched (``re.search``) against module names of
     ``nn.Linear`` layers; the default prunes every ``nn.Linear`` except the output head.
+    ``device_map`` (Hugging Face models) shards the model over devices through accelerate: a strategy
+    (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``) or a mapping module name -> device; it
+    replaces ``device``. Whether the named devices exist is checked when the model loads, before reading it.
     """
 
     kind: str = "classifier"
@@ -172,6 +177,7 @@ class ModelConfig:
     gguf_file: str | None = None
     dtype: str = "float32"
     device: str = "auto"
+    device_map: str | dict[str, Any] | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     cache_dir: str | None = None
@@ -183,6 +189,14 @@ class ModelConfig:
             _fail("model.path", "set (or set model.builtin)", None)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             _fail("model.device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        if self.device_map is not None:
+            if self.device != "auto":
+                _fail("model.device_map", f"unset when model.device is set ({self.device!r}); use one of the two",
+                      self.device_map)
+            if isinstance(self.device_map, str):
+                _choice("model.device_map", self.device_map, DEVICE_MAP_STRATEGIES)
+            elif not self.device_map:
+                _fail("model.device_map", "a strategy name or a non-empty mapping module -> device", self.device_map)
         for key, patterns in (("model.include", self.include), ("model.exclude", self.exclude)):
             for pattern in patterns:
                 try:

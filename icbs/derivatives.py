@@ -29,8 +29,10 @@ Estimators:
   caller may pass ``layer_inputs`` (``C`` per layer, see :func:`collect_layer_inputs`) to skip the
   forward as well. This is exact for that objective and is the scalable path for large models.
 
-Everything is computed on the model's device with float32 accumulation and returned as float64 numpy
-arrays on the CPU. Per-sample gradients from one batched backward are exact as long as samples do not
+Everything is computed on the device of each layer (a model sharded with ``model.device_map`` keeps every
+layer's statistics where the layer is) with float32 accumulation whatever the weights' dtype (bf16/fp16
+included; float64 for float64 weights), and returned as float64 numpy arrays on the CPU. The layer input
+moments ``C`` come from :mod:`icbs.moments` (streamed by hooks; padding tokens left out). Per-sample gradients from one batched backward are exact as long as samples do not
 interact in the forward (no batch norm in training mode); a layer output modified in place after the
 layer (``y += ...``) would also break the hook-based gradients, which no supported model does.
 """
@@ -50,6 +52,7 @@ from torch import Tensor, nn
 
 from icbs.batching import batch_size, batch_to, index_batch
 from icbs.exceptions import NonFiniteDerivativeError
+from icbs.moments import accumulate_second_moments, accumulation_dtype
 
 __all__ = ["ESTIMATORS", "BlockEstimate", "estimate_blocks", "per_sample_gradients", "collect_layer_inputs"]
 
@@ -122,11 +125,6 @@ class _LossModule(nn.Module):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 accumulation, or float64 for float64 models (used by the exactness checks)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -277,7 +275,7 @@ def _gather_linear(
     in the forward; the entry (r, c) of sample s gets sum_t gout[s, t, r] * x[s, t, c].
     """
     n = block.idx.numel()
-    acc = _accumulation_dtype(block.module.weight.dtype)
+    acc = accumulation_dtype(block.module.weight.dtype)
     result = torch.zeros(n_samples, n, dtype=acc, device=block.idx.device)
     for inputs, grad_out in calls:
         if inputs.shape[0] % n_samples:
@@ -314,7 +312,7 @@ def _per_sample_generic(
             block.name: grads[block.param_key]
             .reshape(n_samples, -1)
             .index_select(1, block.idx)
-            .to(_accumulation_dtype(block.module.weight.dtype))
+            .to(accumulation_dtype(block.module.weight.dtype))
             for block in blocks
         }
         return per_sample, losses.detach(), "vmap"
@@ -334,7 +332,7 @@ def _per_sample_generic(
             losses_list.append(loss.detach())
             for block, grad_w, w in zip(blocks, grads_s, weights):
                 flat = torch.zeros_like(w).reshape(-1) if grad_w is None else grad_w.reshape(-1)
-                rows[block.name].append(flat.index_select(0, block.idx).to(_accumulation_dtype(w.dtype)))
+                rows[block.name].append(flat.index_select(0, block.idx).to(accumulation_dtype(w.dtype)))
     finally:
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
@@ -369,11 +367,19 @@ def _per_sample(
         def make_hook(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
                 inputs = args[0] if args else kwargs["input"]
-                captured[name].append((inputs.detach(), output))
+                # A sharded model (device_map) may hand a layer inputs from another device; its output is
+                # on the layer's own device, where the gathering happens.
+                captured[name].append((inputs.detach().to(output.device), output))
 
             return hook
 
+        # Only the blocked weights require grad during the pass: no graph (and no saved activation) is built
+        # before the earliest blocked layer, so memory is the model plus the activations from there on.
+        blocked = {id(b.module.weight) for b in linear}
+        frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in blocked]
         try:
+            for param in frozen:
+                param.requires_grad_(False)
             for block in linear:
                 # The weight must require grad so the layer output joins the graph; autograd.grad below
                 # asks only for output gradients, so no weight gradient is ever computed.
@@ -387,10 +393,15 @@ def _per_sample(
                 outputs = [out for b in linear for _, out in captured[b.name]]
                 # Gradient of the SUM of per-sample losses: the output gradient of sample s is that of
                 # its own loss, since samples do not interact in the forward.
-                grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+                if losses.requires_grad:
+                    grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+                else:  # no blocked layer reaches the loss: every output gradient is zero
+                    grads = tuple(None for _ in outputs)
             _sync(device)
             result.timings["backward"] = time.perf_counter() - t_forward
         finally:
+            for param in frozen:
+                param.requires_grad_(True)
             for handle in handles:
                 handle.remove()
             for block, flag in zip(linear, flags):
@@ -405,7 +416,7 @@ def _per_sample(
                 calls.append((inputs, torch.zeros_like(out) if grad_out is None else grad_out))
             if block.choose is not None:
                 # The same pass serves block selection: the layer's mean gradient is sum_t gout^T x / B.
-                acc = _accumulation_dtype(block.module.weight.dtype)
+                acc = accumulation_dtype(block.module.weight.dtype)
                 mean_grad = sum(
                     gout.reshape(-1, gout.shape[-1]).to(acc).T @ x.reshape(-1, x.shape[-1]).to(acc)
                     for x, gout in calls
@@ -566,7 +577,7 @@ def _estimate_exact(
         params = {}
         for block, start, stop in zip(blocks, offsets[:-1], offsets[1:]):
             weight = base[block.param_key]
-            flat = weight.reshape(-1).index_add(0, block.idx, v[start:stop].to(weight.dtype))
+            flat = weight.reshape(-1).index_add(0, block.idx, v[start:stop].to(device=weight.device, dtype=weight.dtype))
             params[block.param_key] = flat.reshape(weight.shape)
         losses = _check_losses(torch.func.functional_call(wrapper, params, (batch,)), n_samples)
         return losses.to(acc).mean()
@@ -594,14 +605,6 @@ def _estimate_exact(
 
 
 # ---------------------------------------------------------------------------------------- layerwise
-
-
-def _token_mask(batch: Mapping[str, Tensor], inputs: Tensor) -> Tensor | None:
-    """(B, T) bool mask of real tokens when the batch has an attention mask matching ``inputs``."""
-    mask = batch.get("attention_mask")
-    if mask is None or inputs.dim() < 3 or tuple(mask.shape) != tuple(inputs.shape[:2]):
-        return None
-    return mask.to(inputs.device).bool()
 
 
 def collect_layer_inputs(
@@ -641,51 +644,20 @@ def _accumulate_inputs(
                 f"layer {name!r} should be an nn.Linear for the layer-wise objective; got {type(module).__name__}"
             )
     device = _model_device(model)
-    sums = {
-        name: torch.zeros(m.in_features, m.in_features, dtype=_accumulation_dtype(m.weight.dtype), device=m.weight.device)
-        for name, m in layers.items()
-    }
-    counts = {name: 0 for name in layers}
-    hook_time = [0.0]
-    current: dict[str, Any] = {}
+    totals = {"loss": 0.0, "samples": 0}
 
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
-            t0 = time.perf_counter()
-            inputs = (args[0] if args else kwargs["input"]).detach()
-            mask = _token_mask(current["batch"], inputs)
-            x = inputs[mask] if mask is not None else inputs.reshape(-1, inputs.shape[-1])
-            x = x.to(sums[name].dtype)
-            sums[name].addmm_(x.T, x)
-            counts[name] += x.shape[0]
-            hook_time[0] += time.perf_counter() - t0
+    def run(batch: Mapping[str, Tensor]) -> None:
+        if loss_fn is None:
+            model(**batch)
+            return
+        n = batch_size(batch)
+        losses = _check_losses(loss_fn(model, dict(batch)), n)
+        totals["loss"] += float(losses.float().sum())
+        totals["samples"] += n
 
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(name), with_kwargs=True) for name, m in layers.items()]
-    total_loss, total_samples = 0.0, 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                batch = batch_to(batch, device)
-                current["batch"] = batch
-                n = batch_size(batch)
-                if loss_fn is None:
-                    model(**batch)
-                else:
-                    losses = _check_losses(loss_fn(model, batch), n)
-                    total_loss += float(losses.float().sum())
-                    total_samples += n
-    finally:
-        for handle in handles:
-            handle.remove()
-    covariance = {}
-    for name in layers:
-        if counts[name] == 0:
-            raise ValueError(f"layer {name!r} was not called in the forward; it has no inputs to collect")
-        covariance[name] = sums[name] / counts[name]
-    loss = total_loss / total_samples if total_samples else float("nan")
-    return covariance, loss, hook_time[0]
+    moments = accumulate_second_moments(layers, run, [batch_to(batch, device) for batch in batches])
+    loss = totals["loss"] / totals["samples"] if totals["samples"] else float("nan")
+    return moments.mean(), loss, moments.hook_seconds
 
 
 def _estimate_layerwise(
@@ -733,7 +705,7 @@ def _estimate_layerwise(
     for block in blocks:
         t0 = time.perf_counter()
         weight = block.module.weight.detach()
-        acc = _accumulation_dtype(weight.dtype)
+        acc = accumulation_dtype(weight.dtype)
         C = layer_inputs[block.name].to(device=weight.device, dtype=acc)
         ref = reference_weights[block.name].detach().to(device=weight.device, dtype=acc)
         deviation = (weight.to(acc) - ref).index_select(0, block.rows)  # (n, n_in): row r_i of W - W0

@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from icbs.config import EvalConfig
 
 __all__ = [
     "token_nll",
+    "causal_lm_nll",
     "evaluate_lm",
     "evaluate_classifier",
     "density_report",
@@ -41,6 +43,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Elements of one ``(B, chunk, V)`` block of logits in :func:`causal_lm_nll` (64 MiB in float32).
+_LOGIT_ELEMENTS = 1 << 24
+#: ``config.model_type`` of causal LMs whose logits are ``lm_head(last_hidden_state)`` (Gemma: soft-capped).
+_PLAIN_HEAD_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma", "gemma2",
+    "gemma3_text", "olmo2", "smollm3", "starcoder2",
+})
 
 
 @contextlib.contextmanager
@@ -60,8 +70,16 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _valid_targets(attention_mask: Tensor | None, nll: Tensor) -> Tensor:
+    """``(B, T-1)`` float mask of targets whose token and predicting token are both real (like ``nll``)."""
+    if attention_mask is None:
+        return torch.ones_like(nll)
+    mask = attention_mask.to(nll.device)
+    return (mask[:, 1:] * mask[:, :-1]).to(nll.dtype)
+
+
 def token_nll(logits: Tensor, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Next-token negative log-likelihoods and which of them count.
+    """Next-token negative log-likelihoods and which of them count, from full logits.
 
     Args:
         logits: ``(B, T, V)`` model outputs (any float dtype; computed in float32).
@@ -73,23 +91,82 @@ def token_nll(logits: Tensor, input_ids: Tensor, attention_mask: Tensor | None) 
         ``valid`` ``(B, T-1)`` float32, 1 where both the predicting and the target token are real.
     """
     shift_logits = logits[:, :-1, :].float()
-    targets = input_ids[:, 1:]
+    targets = input_ids[:, 1:].to(shift_logits.device)
     nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction="none")
     nll = nll.view(targets.shape)
-    if attention_mask is None:
-        valid = torch.ones_like(nll)
-    else:
-        mask = attention_mask.to(nll.device)
-        valid = (mask[:, 1:] * mask[:, :-1]).to(nll.dtype)
+    valid = _valid_targets(attention_mask, nll)
     return nll * valid, valid
 
 
-def evaluate_lm(model: nn.Module, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
-    """Perplexity and mean token NLL of a causal LM on held-out token windows.
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None] | None:
+    """``(decoder, LM head, final soft-cap or None)`` of a causal LM whose logits are ``head(hidden)``, else None.
+
+    Only families whose forward is known to compute ``logits = lm_head(last_hidden_state)`` (plus Gemma's
+    final soft-capping) qualify; others (logit scales, biases) are scored from their own full logits.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES or not hasattr(model, "get_decoder"):
+        return None
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return None
+    return model.get_decoder(), head, getattr(config, "final_logit_softcapping", None)
+
+
+def causal_lm_nll(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, *, chunk_tokens: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Next-token NLL of a causal LM without materialising its ``(B, T, V)`` logits.
+
+    The decoder gives the hidden states; the LM head and the log-softmax then run over chunks of
+    ``chunk_tokens`` positions, so without autograd the logits in memory are ``(B, chunk_tokens, V)`` at
+    most (under autograd each chunk's log-softmax is kept for the backward, as with full logits).
+    Model families outside a known list (see :func:`_decoder_and_head`) fall back to ``model(...).logits``.
 
     Args:
-        model: a Hugging Face causal LM (called with ``input_ids``, ``attention_mask``; returns ``.logits``).
+        model: a Hugging Face causal LM (possibly sharded over devices by ``device_map``).
+        input_ids: ``(B, T)`` long token ids on the model's input device.
+        attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding; ``None`` = all real.
+        chunk_tokens: positions per chunk; ``None`` = as many as fit ``B x chunk x V`` in 2^24 elements.
+
+    Returns:
+        ``(nll, valid)`` as :func:`token_nll`.
+    """
+    parts = _decoder_and_head(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return token_nll(logits, input_ids, attention_mask)
+    decoder, head, softcap = parts
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    n_batch, n_positions = input_ids.shape[0], input_ids.shape[1] - 1
+    vocab = head.weight.shape[0]
+    step = chunk_tokens or max(1, _LOGIT_ELEMENTS // max(1, n_batch * vocab))
+    pieces = []
+    for start in range(0, n_positions, step):
+        stop = min(start + step, n_positions)
+        logits = head(hidden[:, start:stop])
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        targets = input_ids[:, start + 1 : stop + 1].to(logits.device)
+        nll = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), reduction="none")
+        pieces.append(nll.view(n_batch, stop - start))
+    nll = torch.cat(pieces, dim=1) if pieces else hidden.new_zeros(n_batch, 0, dtype=torch.float32)
+    valid = _valid_targets(attention_mask, nll)
+    return nll * valid, valid
+
+
+def evaluate_lm(
+    model: nn.Module, batches: Sequence[Mapping[str, Tensor]], *, progress: bool = False
+) -> dict[str, float]:
+    """Perplexity and mean token NLL of a causal LM on held-out token windows.
+
+    The logits are scored chunk by chunk (:func:`causal_lm_nll`), so a large vocabulary costs no
+    ``(B, T, V)`` tensor.
+
+    Args:
+        model: a Hugging Face causal LM (called with ``input_ids``, ``attention_mask``).
         batches: ``{"input_ids": (B, T) long, "attention_mask": (B, T) long}`` batches.
+        progress: draw a progress bar over the batches.
 
     Returns:
         ``{"perplexity": exp(loss), "loss": total NLL / number of target tokens, "n_tokens": count}``.
@@ -103,12 +180,11 @@ def evaluate_lm(model: nn.Module, batches: Sequence[Mapping[str, Tensor]]) -> di
     total_nll = 0.0
     total_tokens = 0.0
     with _eval_mode(model):
-        for batch in batches:
+        for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch.get("attention_mask")
             attention_mask = attention_mask.to(device) if attention_mask is not None else None
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            nll, valid = token_nll(logits, input_ids, attention_mask)
+            nll, valid = causal_lm_nll(model, input_ids, attention_mask)
             total_nll += float(nll.double().sum())
             total_tokens += float(valid.double().sum())
     if total_tokens == 0:
@@ -122,6 +198,8 @@ def evaluate_classifier(
     batches: Sequence[Mapping[str, Tensor]],
     logits_fn: Callable[[nn.Module, Mapping[str, Tensor]], Tensor],
     loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    *,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Top-1 accuracy and mean per-sample loss of a classifier.
 
@@ -130,6 +208,7 @@ def evaluate_classifier(
         batches: ``{"x": (B, ...), "y": (B,) long}`` batches.
         logits_fn: ``(model, batch) -> (B, C)`` logits (the adapter moves the batch to the device).
         loss: ``(logits, y) -> (B,)`` per-sample loss; default cross-entropy.
+        progress: draw a progress bar over the batches.
 
     Returns:
         ``{"accuracy": fraction correct, "loss": mean loss, "n_samples": count}``.
@@ -143,7 +222,7 @@ def evaluate_classifier(
     total = 0
     loss_sum = 0.0
     with _eval_mode(model):
-        for batch in batches:
+        for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False):
             logits = logits_fn(model, batch)
             y = batch["y"].to(logits.device)
             per_sample = loss(logits, y) if loss is not None else F.cross_entropy(logits.float(), y, reduction="none")

@@ -162,19 +162,20 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     return {name: tensor.bool() for name, tensor in load_file(str(path)).items()}
 
 
-def save_model(loaded: Any, out_dir: str | Path) -> Path:
+def save_model(loaded: Any, out_dir: str | Path, *, progress: bool = False) -> Path:
     """Save the (already pruned) model through its adapter into ``out_dir/model``.
 
     Args:
         loaded: a :class:`icbs.models.LoadedModel` (``model``, ``adapter``, ``tokenizer``).
         out_dir: the run's output folder.
+        progress: let the adapter show a progress bar.
 
     Returns:
         The model folder.
     """
     model_dir = Path(out_dir) / MODEL_DIR_NAME
     model_dir.mkdir(parents=True, exist_ok=True)
-    loaded.adapter.save(loaded.model, model_dir, tokenizer=loaded.tokenizer)
+    loaded.adapter.save(loaded.model, model_dir, tokenizer=loaded.tokenizer, progress=progress)
     return model_dir
 
 

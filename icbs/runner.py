@@ -136,10 +136,10 @@ class ProgressReporter:
         self._bar.close()
 
 
-def _load(model_cfg: ModelConfig) -> Any:
+def _load(model_cfg: ModelConfig, progress: bool = False) -> Any:
     from icbs.models import load_model
 
-    return load_model(model_cfg)
+    return load_model(model_cfg, progress=progress)
 
 
 def _data(cfg: IcbsConfig, loaded: Any) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
@@ -159,10 +159,12 @@ def _layers(cfg: IcbsConfig, loaded: Any) -> dict[str, nn.Module]:
     return dict(layers)
 
 
-def _evaluator(loaded: Any, batches: Sequence[dict[str, torch.Tensor]]) -> Callable[[nn.Module], dict[str, float]]:
+def _evaluator(
+    loaded: Any, batches: Sequence[dict[str, torch.Tensor]], progress: bool = False
+) -> Callable[[nn.Module], dict[str, float]]:
     def evaluate(model: nn.Module) -> dict[str, float]:
         with torch.no_grad():
-            return {k: float(v) for k, v in loaded.adapter.evaluate(model, batches).items()}
+            return {k: float(v) for k, v in loaded.adapter.evaluate(model, batches, progress=progress).items()}
 
     return evaluate
 
@@ -199,11 +201,12 @@ def _write_outputs(
     loaded: Any,
     masks: Mapping[str, torch.Tensor],
     report: dict[str, Any],
+    progress: bool = False,
 ) -> None:
     if cfg.export.save_masks:
         export.save_masks(masks, out_dir / export.MASKS_NAME)
     if cfg.export.save_model:
-        model_dir = export.save_model(loaded, out_dir)
+        model_dir = export.save_model(loaded, out_dir, progress=progress)
         logger.info("pruned model saved to %s", model_dir)
     export.write_report(report, out_dir / export.REPORT_NAME)
     if cfg.export.plots:
@@ -288,12 +291,12 @@ def run_prune(
     path = _prepare(cfg, out_dir, overwrite=overwrite, resume=resume)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    loaded = _load(cfg.model)
+    loaded = _load(cfg.model, progress)
     timings["load_model_s"] = time.perf_counter() - started
     mark = time.perf_counter()
     calibration, evaluation = _data(cfg, loaded)
     layers = _layers(cfg, loaded)
-    evaluate = _evaluator(loaded, evaluation)
+    evaluate = _evaluator(loaded, evaluation, progress)
     timings["data_s"] = time.perf_counter() - mark
     dense = lm_eval_dense = None
     if cfg.eval.before:
@@ -352,7 +355,7 @@ def run_prune(
     }
     report["lm_eval"] = {"dense": lm_eval_dense, "final": run_lm_eval(cfg.eval, loaded.model, loaded.tokenizer)}
     timings["total_s"] = time.perf_counter() - started
-    _write_outputs(path, cfg, loaded, masks, report)
+    _write_outputs(path, cfg, loaded, masks, report, progress)
     checkpoint = path / export.CHECKPOINT_NAME
     if checkpoint.exists():
         checkpoint.unlink()  # the run finished: its outputs replace the checkpoint

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from icbs.config import SCORE_METHODS, SCORE_SCOPES
 from icbs.exceptions import NonFiniteDerivativeError
+from icbs.moments import accumulate_second_moments
 from icbs.state import MaskPattern
 
 __all__ = [
@@ -215,21 +216,19 @@ def collect_activation_norms(
 def collect_input_covariances(
     model: nn.Module, layers: Mapping[str, nn.Module], batches: Sequence[dict[str, Tensor]], loss_fn: LossFn
 ) -> dict[str, Tensor]:
-    """``X^T X / N`` of every layer's inputs, ``X`` the ``(N, n_in)`` input rows over ``batches``.
+    """``X^T X / N`` of every layer's inputs, ``X`` the ``(N, n_in)`` non-padding input rows over ``batches``.
+
+    Streamed by :func:`icbs.moments.accumulate_second_moments` (padding tokens of a batch's
+    ``attention_mask`` are left out).
 
     Returns:
-        ``{name: (n_in, n_in) float32}`` on each layer's device (the layer-wise objective's Hessian / 2).
+        ``{name: (n_in, n_in) float32}`` on each layer's device (float64 for float64 layers): the
+        layer-wise objective's Hessian / 2.
+
+    Raises:
+        ValueError: a layer is not called by the forward.
     """
-    sums: dict[str, Tensor] = {}
-    rows: dict[str, int] = {}
-
-    def update(name: str, x: Tensor) -> None:
-        gram = x.T @ x
-        sums[name] = gram if name not in sums else sums[name] + gram
-        rows[name] = rows.get(name, 0) + int(x.shape[0])
-
-    _hook_inputs(model, layers, batches, loss_fn, update)
-    return {name: sums[name] / max(rows[name], 1) for name in layers}
+    return accumulate_second_moments(layers, lambda batch: loss_fn(model, batch), batches).mean()
 
 
 def collect_gradients(

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from icbs.exceptions import PruningError
+from icbs.moments import accumulate_second_moments
 from icbs.state import MaskPattern
 
 __all__ = ["sparsegpt_prune_weight", "run_sparsegpt", "inverse_hessian_factor"]
@@ -240,26 +241,7 @@ def _call_groups(run: Callable[[], Any], layers: Mapping[str, nn.Module]) -> lis
 
 def _hessians(run: Callable[[], Any], layers: Mapping[str, nn.Module]) -> dict[str, Tensor]:
     """``2 X X^T / N`` (float32, on each layer's device) of every layer's input rows during ``run``."""
-    sums = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in layers.items()}
-    rows = dict.fromkeys(layers, 0)
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()
-            sums[name].addmm_(x.T, x)
-            rows[name] += int(x.shape[0])
-
-        return hook
-
-    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in layers.items()]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: sums[name] * (2.0 / max(rows[name], 1)) for name in layers}
+    return accumulate_second_moments(layers, lambda _batch: run()).mean(scale=2.0, allow_empty=True)
 
 
 def _capture_block_inputs(

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from icbs.config import ModelConfig
-from icbs.models.base import LoadedModel, ModelAdapter, resolve_device, resolve_dtype
+from icbs.models.base import (
+    LoadedModel,
+    ModelAdapter,
+    check_dtype_runs,
+    resolve_device,
+    resolve_device_map,
+    resolve_dtype,
+)
 from icbs.models.builtin import (
     ARCHITECTURES,
     BUILTIN_MODELS,
@@ -58,13 +65,31 @@ def model_kind(cfg: ModelConfig) -> str:
     return _BUILTIN_KINDS.get(cfg.builtin, cfg.kind) if cfg.builtin is not None else cfg.kind
 
 
-def _load_builtin(cfg: ModelConfig) -> LoadedModel:
+def _check_builtin(cfg: ModelConfig) -> None:
     name = cfg.builtin
     if name not in _BUILTIN_KINDS:
         raise ValueError(f"'model.builtin' should be one of {', '.join(BUILTIN_MODELS)}; got {name!r}")
     kind = _BUILTIN_KINDS[name]
     if cfg.kind not in ("classifier", kind):
         raise ValueError(f"'model.kind' should be {kind!r} for model.builtin {name!r}; got {cfg.kind!r}")
+    if cfg.device_map is not None and name != "smollm2":
+        raise ValueError(
+            f"'model.device_map' applies to models loaded through transformers (model.path or model.builtin "
+            f"'smollm2'); model.builtin {name!r} is built in memory, use 'model.device'"
+        )
+
+
+def _check_placement(cfg: ModelConfig) -> None:
+    """Devices and dtype this machine can run, checked before anything loads."""
+    if cfg.device_map is not None:
+        _, devices = resolve_device_map(cfg.device_map)
+    else:
+        devices = [resolve_device(cfg.device)]
+    check_dtype_runs(cfg.dtype, devices)
+
+
+def _load_builtin(cfg: ModelConfig, progress: bool) -> LoadedModel:
+    name = cfg.builtin
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     if name == "mnist_mlp":
         model = load_mnist_mlp(cfg.cache_dir).to(device=device, dtype=dtype)
@@ -75,7 +100,8 @@ def _load_builtin(cfg: ModelConfig) -> LoadedModel:
         return LoadedModel(model.eval(), ImageClassifierAdapter(model), None, name)
     if name == "smollm2":
         model, tokenizer = load_hf_model(
-            _auto("AutoModelForCausalLM"), None, gguf_file=str(smollm2_gguf_path()), dtype=cfg.dtype, device=cfg.device
+            _auto("AutoModelForCausalLM"), None, gguf_file=str(smollm2_gguf_path()), dtype=cfg.dtype,
+            device=cfg.device, device_map=cfg.device_map, progress=progress,
         )
         return LoadedModel(model, CausalLMAdapter(), tokenizer, name)
     model, tokenizer = build_tiny_llama()
@@ -118,32 +144,41 @@ def _load_saved_classifier(cfg: ModelConfig) -> LoadedModel:
     return LoadedModel(model, adapter, None, str(cfg.path))
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
+def load_model(cfg: ModelConfig, *, progress: bool = False) -> LoadedModel:
     """Load (build, train-and-cache, or read) the model a ``model`` config section names.
 
     Args:
         cfg: ``builtin`` (``mnist_mlp``, ``deit_tiny``, ``smollm2``, ``tiny_llama``) or ``path`` (+ ``kind``,
-            ``gguf_file``), and ``dtype``, ``device``, ``cache_dir``.
+            ``gguf_file``), and ``dtype``, ``device`` or ``device_map``, ``cache_dir``.
+        progress: show progress bars while loading.
 
     Returns:
-        A :class:`LoadedModel`: the model in eval mode on its device, its adapter, tokenizer and name.
+        A :class:`LoadedModel`: the model in eval mode on its device(s), its adapter, tokenizer and name.
 
     Raises:
-        ValueError: unknown builtin, missing path/file, a kind that does not fit.
+        ValueError: unknown builtin, missing path/file, a kind that does not fit, a device_map naming
+            devices this machine lacks, a dtype its devices cannot run (all before anything loads).
         ImportError: an optional package the model needs is missing.
     """
     cfg.validate()
     if cfg.builtin is not None:
-        loaded = _load_builtin(cfg)
+        _check_builtin(cfg)
+    elif cfg.device_map is not None and cfg.kind == "classifier":
+        raise ValueError("'model.device_map' applies to Hugging Face models (model.kind 'causal_lm' or "
+                         "'image_classifier'); got model.kind 'classifier'")
+    _check_placement(cfg)
+    if cfg.builtin is not None:
+        loaded = _load_builtin(cfg, progress)
     elif cfg.kind == "causal_lm":
         model, tokenizer = load_hf_model(
-            _auto("AutoModelForCausalLM"), cfg.path, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=cfg.device
+            _auto("AutoModelForCausalLM"), cfg.path, gguf_file=cfg.gguf_file, dtype=cfg.dtype, device=cfg.device,
+            device_map=cfg.device_map, progress=progress,
         )
         loaded = LoadedModel(model, CausalLMAdapter(), tokenizer, str(cfg.path or cfg.gguf_file))
     elif cfg.kind == "image_classifier":
         model, _ = load_hf_model(
             _auto("AutoModelForImageClassification"), cfg.path, gguf_file=cfg.gguf_file, dtype=cfg.dtype,
-            device=cfg.device, with_tokenizer=False,
+            device=cfg.device, device_map=cfg.device_map, with_tokenizer=False, progress=progress,
         )
         loaded = LoadedModel(model, ImageClassifierAdapter(model), None, str(cfg.path))
     else:

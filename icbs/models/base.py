@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from icbs.config import DEVICE_MAP_STRATEGIES
 from icbs.layers import HEAD_NAMES, find_prunable
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "model_dtype",
     "resolve_device",
     "resolve_dtype",
+    "resolve_device_map",
+    "check_dtype_runs",
     "HEAD_NAMES",
 ]
 
@@ -62,11 +65,13 @@ class ModelAdapter(Protocol):
         """One loss per sample, shape ``(B,)``; the objective is its mean."""
         ...
 
-    def evaluate(self, model: nn.Module, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, batches: Sequence[Mapping[str, Tensor]], *, progress: bool = False
+    ) -> dict[str, float]:
         """``{"perplexity", "loss"}`` for language models, ``{"accuracy", "loss"}`` for classifiers."""
         ...
 
-    def save(self, model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> None:
+    def save(self, model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *, progress: bool = False) -> None:
         """Write the model (and tokenizer) so that :func:`icbs.models.load_model` reads it back."""
         ...
 
@@ -134,3 +139,69 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"'model.dtype' should be one of {', '.join(_DTYPES)}; got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def _map_device(module: str, value: Any) -> str | int:
+    """One ``device_map`` entry checked against this machine's devices (an int is a CUDA index, as in accelerate)."""
+    where = f"'model.device_map' entry {module!r}"
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{where} should be a device such as 'cpu', 'cuda:0' or 0; got {value!r}")
+    try:
+        device = torch.device(f"cuda:{value}" if isinstance(value, int) else value)
+    except RuntimeError as err:
+        raise ValueError(f"{where} should be a device such as 'cpu', 'cuda:0' or 0; got {value!r}") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"{where} names {value!r} but this machine has {count} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{where} names 'mps' but MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise ValueError(f"{where} should be 'cpu', 'cuda:N', an int or 'mps'; got {value!r}")
+    return value
+
+
+def resolve_device_map(device_map: str | Mapping[str, Any]) -> tuple[str | dict[str, str | int], list[torch.device]]:
+    """Check ``model.device_map`` before anything loads, and list the devices it may place weights on.
+
+    Args:
+        device_map: an accelerate strategy (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``) or a
+            mapping from module name (``""`` = the whole model) to a device (``"cpu"``, ``"cuda:1"``, ``1``).
+
+    Returns:
+        ``(the device_map to hand to from_pretrained, the devices it may use)``; a strategy may use every
+        visible CUDA device and the CPU.
+
+    Raises:
+        ValueError: an unknown strategy, an empty mapping, or a device this machine does not have.
+    """
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ValueError(
+                f"'model.device_map' should be one of {', '.join(map(repr, DEVICE_MAP_STRATEGIES))} or a mapping "
+                f"module -> device (use 'model.device' for one device); got {device_map!r}"
+            )
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return device_map, [torch.device(f"cuda:{i}") for i in range(count)] + [torch.device("cpu")]
+    if not isinstance(device_map, Mapping) or not device_map:
+        raise ValueError(f"'model.device_map' should be a strategy name or a non-empty mapping module -> device; got {device_map!r}")
+    checked = {str(module): _map_device(str(module), value) for module, value in device_map.items()}
+    devices = [torch.device(f"cuda:{v}" if isinstance(v, int) else v) for v in checked.values()]
+    return checked, devices
+
+
+def check_dtype_runs(dtype: str, devices: Sequence[torch.device], key: str = "model.dtype") -> None:
+    """Refuse a weight dtype one of ``devices`` cannot compute in (before the model loads).
+
+    bfloat16 needs a CUDA device with bf16 support (compute capability 8.0+); MPS has no float64. float16
+    and bfloat16 run on the CPU (slowly on CPUs without native support, but correctly).
+
+    Raises:
+        ValueError: naming ``key``, the dtype and the device.
+    """
+    for device in devices:
+        if device.type == "cuda" and dtype == "bfloat16" and torch.cuda.get_device_capability(device)[0] < 8:
+            raise ValueError(f"'{key}' is 'bfloat16' but {device} has no bf16 support; use 'float16' or 'float32'")
+        if device.type == "mps" and dtype == "float64":
+            raise ValueError(f"'{key}' is 'float64' but MPS has no float64; use 'float32'")

@@ -9,17 +9,26 @@ file (``gguf_file=``; transformers de-quantises it to the configured dtype). The
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from icbs.evaluation import evaluate_lm, token_nll
-from icbs.models.base import find_prunable_layers, model_device, resolve_device, resolve_dtype
+from icbs.evaluation import causal_lm_nll, evaluate_lm
+from icbs.models.base import (
+    check_dtype_runs,
+    find_prunable_layers,
+    model_device,
+    resolve_device,
+    resolve_device_map,
+    resolve_dtype,
+)
 
 __all__ = ["CausalLMAdapter", "load_hf_model", "save_hf_model", "resolve_model_path"]
 
@@ -67,7 +76,9 @@ def load_hf_model(
     gguf_file: str | None = None,
     dtype: str = "float32",
     device: str = "auto",
+    device_map: str | Mapping[str, Any] | None = None,
     with_tokenizer: bool = True,
+    progress: bool = False,
 ) -> tuple[nn.Module, Any]:
     """Load a transformers model (and tokenizer) from a folder, hub id or GGUF file.
 
@@ -76,42 +87,73 @@ def load_hf_model(
         path: local folder, hub id, or ``.gguf`` file.
         gguf_file: GGUF file name inside ``path`` (or absolute).
         dtype: ``"float32"``, ``"bfloat16"``... (GGUF weights are de-quantised to it).
-        device: ``"auto"``, ``"cpu"``, ``"cuda:0"``...
+        device: ``"auto"``, ``"cpu"``, ``"cuda:0"``... (ignored when ``device_map`` is set).
+        device_map: accelerate placement (``"auto"``, ``"balanced"``, ``"sequential"`` or a mapping module ->
+            device): the weights load straight onto their devices, shard by shard, so a model larger than one
+            device (or than host memory) loads at all.
         with_tokenizer: also load the tokenizer from the same place.
+        progress: show progress bars (transformers' own bars over shards/tensors included).
 
     Returns:
-        ``(model in eval mode on the device, tokenizer or None)``.
+        ``(model in eval mode on its device(s), tokenizer or None)``.
 
     Raises:
-        ValueError: the path does not exist and is not a reachable hub id.
+        ValueError: the path does not exist and is not a reachable hub id; a device or dtype this machine
+            cannot use (checked before loading).
     """
     location, gguf = resolve_model_path(path, gguf_file)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
+    if device_map is not None:
+        kwargs["device_map"], devices = resolve_device_map(device_map)
+    else:
+        devices = [resolve_device(device)]
+    check_dtype_runs(dtype, devices)
     if gguf is not None:
         kwargs["gguf_file"] = gguf
+    steps = tqdm(total=2 if with_tokenizer else 1, desc="load model", unit="step", disable=not progress, leave=False)
     try:
-        model = auto_class.from_pretrained(location, **kwargs)
-        tokenizer = None
-        if with_tokenizer:
-            from transformers import AutoTokenizer
+        with _transformers_bars(progress):
+            model = auto_class.from_pretrained(location, **kwargs)
+            steps.update()
+            tokenizer = None
+            if with_tokenizer:
+                from transformers import AutoTokenizer
 
-            tok_kwargs = {"gguf_file": gguf} if gguf is not None else {}
-            tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+                tok_kwargs = {"gguf_file": gguf} if gguf is not None else {}
+                tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+                steps.update()
     except OSError as err:
         raise ValueError(
             f"'model.path' {path!r} could not be loaded as a local model folder or hub id: {err}"
         ) from err
-    model.to(resolve_device(device))
+    finally:
+        steps.close()
+    if device_map is None:
+        model.to(devices[0])
     model.eval()
     if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def save_hf_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> None:
+@contextlib.contextmanager
+def _transformers_bars(enabled: bool) -> Iterator[None]:
+    """Turn transformers' own progress bars on or off for the duration (and restore them)."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
+def save_hf_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *, progress: bool = False) -> None:
     """``save_pretrained`` in safetensors (without a GGUF ``quantization_config``) plus the tokenizer.
 
-    The model's config is left as it was.
+    The model's config is left as it was. With ``progress``, a bar names the stage being written
+    (weights, then tokenizer): both can take minutes for a large model or vocabulary.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,18 +164,25 @@ def save_hf_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) 
     quantizer = model.__dict__.get("hf_quantizer")
     if quantizer is not None:
         model.hf_quantizer = None
+    steps = tqdm(total=2 if tokenizer is not None else 1, desc="save weights", unit="step", disable=not progress,
+                 leave=False)
     try:
         kwargs: dict[str, Any] = {}
         if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
             kwargs["safe_serialization"] = True
-        model.save_pretrained(str(out), **kwargs)
+        with _transformers_bars(progress):
+            model.save_pretrained(str(out), **kwargs)
+        steps.update()
+        if tokenizer is not None:
+            steps.set_description("save tokenizer")
+            tokenizer.save_pretrained(str(out))
+            steps.update()
     finally:
+        steps.close()
         if removed is not None:
             config.quantization_config = removed
         if quantizer is not None:
             model.hf_quantizer = quantizer
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
 
 
 class CausalLMAdapter:
@@ -150,21 +199,24 @@ class CausalLMAdapter:
     def per_sample_loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         """Mean next-token NLL over each window's non-padding targets, shape ``(B,)`` float32.
 
-        A window with no valid target (all padding) gets loss 0.
+        A window with no valid target (all padding) gets loss 0. The LM head runs chunk by chunk
+        (:func:`icbs.evaluation.causal_lm_nll`), so a large vocabulary's full logits never exist at once
+        outside autograd.
         """
         device = model_device(model)
         input_ids = batch["input_ids"].to(device)
         attention_mask = batch.get("attention_mask")
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        nll, valid = token_nll(logits, input_ids, attention_mask)
+        nll, valid = causal_lm_nll(model, input_ids, attention_mask)
         return nll.sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
 
-    def evaluate(self, model: nn.Module, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, batches: Sequence[Mapping[str, Tensor]], *, progress: bool = False
+    ) -> dict[str, float]:
         """``{"perplexity", "loss", "n_tokens"}`` over all held-out target tokens."""
-        return evaluate_lm(model, batches)
+        return evaluate_lm(model, batches, progress=progress)
 
-    def save(self, model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> None:
+    def save(self, model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *, progress: bool = False) -> None:
         """``save_pretrained`` (safetensors) + tokenizer; reloadable with ``model.path=out_dir``."""
-        save_hf_model(model, out_dir, tokenizer)
+        save_hf_model(model, out_dir, tokenizer, progress=progress)
 

@@ -99,15 +99,20 @@ class ClassifierAdapter:
             )
         return losses
 
-    def evaluate(self, model: nn.Module, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, batches: Sequence[Mapping[str, Tensor]], *, progress: bool = False
+    ) -> dict[str, float]:
         """``{"accuracy", "loss", "n_samples"}`` on the batches (see :func:`icbs.evaluation.evaluate_classifier`)."""
-        return evaluate_classifier(model, batches, self.logits, self.loss)
+        return evaluate_classifier(model, batches, self.logits, self.loss, progress=progress)
 
-    def save(self, model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> None:
-        """Write ``model.safetensors`` (the state_dict) and ``icbs_model.json`` (architecture, shapes)."""
+    def save(self, model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *, progress: bool = False) -> None:
+        """Write ``model.safetensors`` (the state_dict) and ``icbs_model.json`` (architecture, shapes).
+
+        One file of a small model: no progress bar (``progress`` is accepted for the adapter contract).
+        """
         from safetensors.torch import save_file
 
-        del tokenizer
+        del tokenizer, progress
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}

@@ -58,6 +58,6 @@ class ImageClassifierAdapter(ClassifierAdapter):
     def _forward(self, model: nn.Module, x: Tensor) -> Any:
         return model(pixel_values=x)
 
-    def save(self, model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> None:
+    def save(self, model: nn.Module, out_dir: str | Path, tokenizer: Any = None, *, progress: bool = False) -> None:
         """``save_pretrained`` (safetensors); reloadable with ``model.kind=image_classifier, model.path=out_dir``."""
-        save_hf_model(model, out_dir, tokenizer)
+        save_hf_model(model, out_dir, tokenizer, progress=progress)
