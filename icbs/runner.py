@@ -1,8 +1,12 @@
 """The end-to-end pipelines behind the CLI: config -> model -> data -> evaluate -> prune -> evaluate -> save.
 
 Each ``run_*`` function takes a validated :class:`~icbs.config.IcbsConfig` and plain arguments (never an
-argparse namespace), checks the output folder before anything expensive, and returns a small result object
-the CLI turns into a summary. Algorithm code lives elsewhere: :func:`icbs.prune` (the BCD driver),
+argparse namespace) and runs in two phases. The pre-flight checks everything it can before anything is
+written: the output folder first (nothing expensive is done for a refused folder), then the device, the
+model, the data, the layers and every setting that needs them (block sizes, pattern and density against the
+layer shapes, samples per estimate). Only then is the output folder created and ``config.yaml`` written. A run
+that fails before its first checkpoint leaves the folder as it was (absent if it did not exist). It returns
+a small result object the CLI turns into a summary. Algorithm code lives elsewhere: :func:`icbs.prune` (the BCD driver),
 :func:`icbs.baselines.run_baseline` (one-shot methods), :mod:`icbs.models` and :mod:`icbs.data`.
 """
 
@@ -17,14 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from icbs import export
+import icbs
+from icbs import checkpoint, export
+from icbs.batching import batch_size
+from icbs.blocks import check_block_size
 from icbs.config import IcbsConfig, ModelConfig
+from icbs.models.base import resolve_device
+from icbs.state import MaskPattern, PruningState
 
 __all__ = [
     "RunOutcome",
+    "Interrupted",
     "ProgressReporter",
     "run_prune",
     "run_evaluate",
@@ -37,7 +46,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BASELINE_METHODS = ("magnitude", "wanda", "sparsegpt", "random")
-_DENSITY_TOL = 1e-9
 
 
 @dataclasses.dataclass
@@ -240,28 +248,144 @@ def _predicted(row: Mapping[str, Any]) -> float | None:
     return None
 
 
-def _prepare(cfg: IcbsConfig, out_dir: str | Path | None, *, overwrite: bool, resume: bool) -> Path:
-    target = Path(out_dir) if out_dir is not None else Path(cfg.export.dir)
-    path = export.prepare_output_dir(target, overwrite=overwrite or cfg.export.overwrite and not resume,
-                                     resume=resume)
-    config_path = path / export.CONFIG_NAME
-    if resume and config_path.is_file():
-        saved = yaml.safe_load(config_path.read_text()) or {}
-        if _comparable(saved) != _comparable(cfg.to_dict()):
-            logger.warning("the config differs from the one the run started with (%s); continuing with the new one",
-                           config_path)
-    export.write_config(cfg, config_path)
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM after its output folder was created.
+
+    Attributes:
+        out_dir: the output folder.
+        checkpoint: the run's checkpoint, kept for ``--resume``; ``None`` when the run had written none
+            (its folder was then left as it was before the run).
+    """
+
+    def __init__(self, out_dir: Path, checkpoint: Path | None) -> None:
+        super().__init__(str(out_dir))
+        self.out_dir = out_dir
+        self.checkpoint = checkpoint
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """What the pre-flight checked and built; nothing is written before it exists.
+
+    Attributes:
+        cfg: the config, with ``export.dir`` set to the folder actually used (what ``config.yaml`` records).
+        plan: the output folder's plan (:func:`icbs.export.check_output_dir`).
+        loaded, calibration, evaluation, layers: the model, its data and the layers to prune.
+        timings: seconds spent loading the model and building the data.
+    """
+
+    cfg: IcbsConfig
+    plan: export.OutputPlan
+    loaded: Any
+    calibration: list[dict[str, torch.Tensor]]
+    evaluation: list[dict[str, torch.Tensor]]
+    layers: dict[str, nn.Module]
+    timings: dict[str, float]
+
+
+def _preflight(cfg: IcbsConfig, target: Path, *, overwrite: bool, resume: bool, can_resume: bool) -> _Prepared:
+    """Every check a run can make before it writes anything, cheapest first.
+
+    The output folder (may it be written, is its checkpoint readable and made with the same settings),
+    the device, the solver's size limit; then the model loads, the data is built, the layers are chosen
+    and checked against the settings (:func:`_check_fit`). Raises on the first failure.
+    """
+    plan = export.check_output_dir(target, overwrite=overwrite or cfg.export.overwrite and not resume,
+                                   resume=resume, can_resume=can_resume)
+    if plan.resume_checkpoint is not None:
+        checkpoint.check_resumable(checkpoint.load_checkpoint(plan.resume_checkpoint)["config"], cfg.to_dict())
+    resolve_device(cfg.model.device)
+    limit = cfg.solver.max_variables()
+    if limit is not None and cfg.blocks.block_size > limit:
+        raise ValueError(f"'blocks.block_size' ({cfg.blocks.block_size}) exceeds the {limit} variables solver "
+                         f"{cfg.solver.name!r} accepts; lower blocks.block_size or pick another solver.name")
+    timings: dict[str, float] = {}
+    mark = time.perf_counter()
+    loaded = _load(cfg.model)
+    timings["load_model_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    calibration, evaluation = _data(cfg, loaded)
+    layers = _layers(cfg, loaded)
+    _check_fit(cfg, layers, calibration)
+    timings["data_s"] = time.perf_counter() - mark
+    cfg = cfg.replace(export=dataclasses.replace(cfg.export, dir=str(plan.path)))
+    return _Prepared(cfg, plan, loaded, calibration, evaluation, layers, timings)
+
+
+def _check_fit(cfg: IcbsConfig, layers: Mapping[str, nn.Module], calibration: Sequence[dict[str, torch.Tensor]]) -> None:
+    """The checks that need the model: pattern and density against every layer's shape, block size against
+    every layer's free weights (the driver's own rules, run on shape-only stand-ins), samples per estimate
+    against the calibration set.
+
+    Raises:
+        ValueError: names the setting and the layer.
+    """
+    pattern = MaskPattern.from_config(cfg.pruning.density, cfg.pruning.pattern)
+    stand_ins = {name: _ShapeOnly(module.weight) for name, module in layers.items()}
+    state = PruningState(stand_ins, pattern, cfg.blocks.tabu_frac)
+    free = state.free_counts(cfg.scoring.fix_frac_prune, cfg.scoring.fix_frac_keep)
+    check_block_size(cfg.blocks.block_size, cfg.blocks.k, free)
+    n_calibration = sum(batch_size(batch) for batch in calibration)
+    if cfg.derivatives.n_samples > n_calibration:
+        raise ValueError(f"'derivatives.n_samples' should be at most the {n_calibration} calibration samples "
+                         f"(calibration.n_samples); got {cfg.derivatives.n_samples}")
+
+
+class _ShapeOnly:
+    """A layer stand-in whose weight has the real shape and dtype but no storage (``meta`` device)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+
+
+def _start(prep: _Prepared) -> Path:
+    """Create (or clear) the output folder and write ``config.yaml``: the first writes of a run."""
+    path = export.prepare_output_dir(prep.plan)
+    try:
+        export.write_config(prep.cfg, path / export.CONFIG_NAME)
+    except BaseException:
+        _discard(prep.plan)
+        raise
     return path
 
 
-def _comparable(data: Mapping[str, Any]) -> dict[str, Any]:
-    data = dict(data)
-    data.pop("export", None)
-    bcd = dict(data.get("bcd") or {})
-    for key in ("time_budget", "max_steps", "max_epochs", "checkpoint_every_s"):
-        bcd.pop(key, None)
-    data["bcd"] = bcd
-    return data
+def _discard(plan: export.OutputPlan) -> None:
+    """Remove what a run that failed before its first checkpoint wrote; a folder it created goes too."""
+    try:
+        export.discard_outputs(plan)
+    except OSError as err:
+        logger.warning("could not remove the outputs of the failed run in %s: %s", plan.path, err)
+
+
+def _target(cfg: IcbsConfig, out_dir: str | Path | None) -> Path:
+    return Path(out_dir) if out_dir is not None else Path(cfg.export.dir)
+
+
+def _report(command: str, prep: _Prepared, masks: Mapping[str, torch.Tensor], metrics: dict[str, Any],
+            timings: dict[str, float], **extra: Any) -> dict[str, Any]:
+    """The ``report.json`` of a pipeline: the fields every command shares, then the command's own ``extra``."""
+    densities = export.mask_densities(masks)
+    report: dict[str, Any] = {
+        "command": command,
+        **({"method": extra.pop("method")} if "method" in extra else {}),
+        "model": prep.loaded.name,
+        "metric": primary_metric(metrics["final"]),
+        "metrics": metrics,
+        "density": {"target": prep.cfg.pruning.density, "achieved": densities["total"], "per_layer": densities},
+        **extra,
+        "timings": timings,
+        "seed": prep.cfg.bcd.seed,
+        "config": prep.cfg.to_dict(),
+        "versions": export.collect_versions(),
+    }
+    return report
+
+
+def _finish(prep: _Prepared, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the pruned weights in the model and check the result: exact zeros, the target counts."""
+    export.apply_masks(prep.layers, masks)
+    _check_zeros(prep.layers, masks)
+    _check_density(prep.cfg, prep.layers, masks)
 
 
 def run_prune(
@@ -274,11 +398,16 @@ def run_prune(
 ) -> RunOutcome:
     """Prune the configured model with icbs and write every output.
 
+    Everything that can be checked is checked before the output folder is created (:func:`_preflight`).
+    A run that fails or is interrupted keeps its checkpoint for ``--resume``; one that fails before its
+    first checkpoint leaves the folder as it was.
+
     Args:
         cfg: validated config.
         out_dir: output folder (default ``cfg.export.dir``).
         overwrite: replace the icbs outputs of an existing folder.
-        resume: continue the run whose checkpoint is in the folder.
+        resume: continue the run whose checkpoint is in the folder (a folder whose run stopped before its
+            first checkpoint starts that run again).
         progress: draw a progress bar.
 
     Returns:
@@ -286,20 +415,28 @@ def run_prune(
 
     Raises:
         OutputExistsError: the folder exists and neither ``overwrite`` nor ``resume`` is set.
-        FileNotFoundError: ``resume`` without a checkpoint.
+        FileNotFoundError: ``resume`` without a run to continue.
+        ValueError: a setting that does not fit the model, data or checkpoint (names the key).
+        Interrupted: Ctrl-C or SIGTERM after the folder was created.
     """
-    import icbs
-
-    path = _prepare(cfg, out_dir, overwrite=overwrite, resume=resume)
-    timings: dict[str, float] = {}
+    prep = _preflight(cfg, _target(cfg, out_dir), overwrite=overwrite, resume=resume, can_resume=True)
     started = time.perf_counter()
-    loaded = _load(cfg.model)
-    timings["load_model_s"] = time.perf_counter() - started
-    mark = time.perf_counter()
-    calibration, evaluation = _data(cfg, loaded)
-    layers = _layers(cfg, loaded)
-    evaluate = _evaluator(loaded, evaluation)
-    timings["data_s"] = time.perf_counter() - mark
+    path = _start(prep)
+    checkpoint_file = path / export.CHECKPOINT_NAME
+    try:
+        return _prune(prep, path, progress, started)
+    except BaseException as err:
+        if not checkpoint_file.is_file():
+            _discard(prep.plan)
+        if isinstance(err, KeyboardInterrupt):
+            raise Interrupted(path, checkpoint_file if checkpoint_file.is_file() else None) from err
+        raise
+
+
+def _prune(prep: _Prepared, path: Path, progress: bool, started: float) -> RunOutcome:
+    cfg, loaded = prep.cfg, prep.loaded
+    timings = dict(prep.timings)
+    evaluate = _evaluator(loaded, prep.evaluation)
     dense = None
     if cfg.eval.before:
         mark = time.perf_counter()
@@ -308,28 +445,18 @@ def run_prune(
         logger.info("dense model: %s", _fmt(dense))
     reporter = ProgressReporter(cfg.bcd.time_budget, cfg.bcd.max_steps,
                                 log_every_s=min(cfg.eval.every_s or 30.0, 30.0), enabled=progress)
+    resumed = prep.plan.resume_checkpoint is not None
     mark = time.perf_counter()
     try:
-        result = icbs.prune(
-            loaded.model,
-            cfg,
-            calibration,
-            loaded.adapter.per_sample_loss,
-            layers=layers,
-            evaluate=evaluate,
-            callbacks=[reporter],
-            checkpoint_path=path / export.CHECKPOINT_NAME,
-            resume=resume,
-            progress=reporter.progress,
-        )
+        result = icbs.prune(loaded.model, cfg, prep.calibration, loaded.adapter.per_sample_loss, layers=prep.layers,
+                            evaluate=evaluate, callbacks=[reporter], checkpoint_path=path / export.CHECKPOINT_NAME,
+                            resume=resumed, progress=reporter.progress)
     finally:
         reporter.close()
     timings["prune_s"] = time.perf_counter() - mark
     masks = {name: mask.bool() for name, mask in result.masks.items()}
     # The driver leaves the model pruned; applying the masks again is a no-op then and a guarantee otherwise.
-    export.apply_masks(layers, masks)
-    _check_zeros(layers, masks)
-    _check_density(cfg, layers, masks)
+    _finish(prep, masks)
     core = dict(result.report or {})
     final = core.get("final_metrics")
     if not final:
@@ -337,29 +464,14 @@ def run_prune(
         final = evaluate(loaded.model)
         timings["eval_final_s"] = time.perf_counter() - mark
     init = core.get("init_metrics")
-    metric = primary_metric(final)
-    densities = export.mask_densities(masks)
-    report: dict[str, Any] = {
-        "command": "prune",
-        "model": loaded.name,
-        "metric": metric,
-        "metrics": {"dense": dense, "init": init, "final": final},
-        "density": {"target": cfg.pruning.density, "achieved": densities["total"], "per_layer": densities},
-        "metric_vs_time": list(core.get("evaluations") or []),
-        "steps": list(result.history),
-        "timings": timings,
-        "seed": cfg.bcd.seed,
-        "resumed": resume,
-        "config": cfg.to_dict(),
-        "versions": export.collect_versions(),
-        "prune": core,
-    }
-    timings["total_s"] = time.perf_counter() - started
+    metrics = {"dense": dense, "init": init, "final": final}
+    timings["total_s"] = prep.timings["load_model_s"] + prep.timings["data_s"] + time.perf_counter() - started
+    report = _report("prune", prep, masks, metrics, timings, metric_vs_time=list(core.get("evaluations") or []),
+                     steps=list(result.history), resumed=resumed, prune=core)
     _write_outputs(path, cfg, loaded, masks, report)
-    checkpoint = path / export.CHECKPOINT_NAME
-    if checkpoint.exists():
-        checkpoint.unlink()  # the run finished: its outputs replace the checkpoint
-    return RunOutcome(path, metric, dense, init, final, densities["total"], report)
+    (path / export.CHECKPOINT_NAME).unlink(missing_ok=True)  # the run finished: its outputs replace the checkpoint
+    export.remove_temp_files(path)
+    return RunOutcome(path, report["metric"], dense, init, final, report["density"]["achieved"], report)
 
 
 def _fmt(metrics: Mapping[str, float] | None) -> str:
@@ -427,49 +539,42 @@ def run_baseline(
         overwrite: replace the icbs outputs of an existing folder.
 
     Raises:
-        ValueError: unknown method.
+        ValueError: unknown method, or a setting that does not fit the model or data (names the key).
         OutputExistsError: the folder exists and ``overwrite`` is not set.
     """
     if method not in BASELINE_METHODS:
         raise ValueError(f"'method' should be one of {', '.join(BASELINE_METHODS)}; got {method!r}")
     target = Path(out_dir) if out_dir is not None else Path(f"{cfg.export.dir.rstrip('/')}-{method}")
-    path = _prepare(cfg, target, overwrite=overwrite, resume=False)
+    prep = _preflight(cfg, target, overwrite=overwrite, resume=False, can_resume=False)
+    started = time.perf_counter()
+    path = _start(prep)
+    try:
+        return _baseline(method, prep, path, started)
+    except BaseException:
+        _discard(prep.plan)
+        raise
+
+
+def _baseline(method: str, prep: _Prepared, path: Path, started: float) -> RunOutcome:
     from icbs.baselines import run_baseline as baseline
 
-    started = time.perf_counter()
-    loaded = _load(cfg.model)
-    calibration, evaluation = _data(cfg, loaded)
-    layers = _layers(cfg, loaded)
-    evaluate = _evaluator(loaded, evaluation)
+    cfg, loaded = prep.cfg, prep.loaded
+    evaluate = _evaluator(loaded, prep.evaluation)
     dense = evaluate(loaded.model) if cfg.eval.before else None
     if dense is not None:
         logger.info("dense model: %s", _fmt(dense))
     mark = time.perf_counter()
-    masks = baseline(method, loaded.model, layers, calibration, loaded.adapter.per_sample_loss,
+    masks = baseline(method, loaded.model, prep.layers, prep.calibration, loaded.adapter.per_sample_loss,
                      density=cfg.pruning.density, pattern=cfg.pruning.pattern, seed=cfg.bcd.seed)
-    prune_s = time.perf_counter() - mark
+    timings = {**prep.timings, "prune_s": time.perf_counter() - mark}
     masks = {name: mask.bool() for name, mask in masks.items()}
-    export.apply_masks(layers, masks)
-    _check_zeros(layers, masks)
-    _check_density(cfg, layers, masks)
+    _finish(prep, masks)
     final = evaluate(loaded.model)
-    metric = primary_metric(final)
-    densities = export.mask_densities(masks)
-    report = {
-        "command": "baseline",
-        "method": method,
-        "model": loaded.name,
-        "metric": metric,
-        "metrics": {"dense": dense, "final": final},
-        "density": {"target": cfg.pruning.density, "achieved": densities["total"], "per_layer": densities},
-        "timings": {"prune_s": prune_s, "total_s": time.perf_counter() - started},
-        "seed": cfg.bcd.seed,
-        "config": cfg.to_dict(),
-        "versions": export.collect_versions(),
-    }
+    timings["total_s"] = prep.timings["load_model_s"] + prep.timings["data_s"] + time.perf_counter() - started
+    report = _report("baseline", prep, masks, {"dense": dense, "final": final}, timings, method=method)
     _write_outputs(path, dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, plots=False)),
                    loaded, masks, report)
-    return RunOutcome(path, metric, dense, None, final, densities["total"], report)
+    return RunOutcome(path, report["metric"], dense, None, final, report["density"]["achieved"], report)
 
 
 def _recording_solver(child_name: str, sink: list[dict[str, Any]], limit: int) -> str:
@@ -533,17 +638,22 @@ def run_export_blocks(
         The written problem files (``.qp`` then ``.cqm`` of each block).
 
     Raises:
-        ValueError: ``n_blocks`` is not a positive int.
+        ValueError: ``n_blocks`` is not a positive int, or a setting does not fit the model or data.
         OutputExistsError: the folder exists and ``overwrite`` is not set.
     """
-    import icbs
-
     if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks <= 0:
         raise ValueError(f"'n_blocks' should be a positive int; got {n_blocks!r}")
-    path = _prepare(cfg, out_dir, overwrite=overwrite, resume=False)
-    loaded = _load(cfg.model)
-    calibration, _evaluation = _data(cfg, loaded)
-    layers = _layers(cfg, loaded)
+    prep = _preflight(cfg, Path(out_dir), overwrite=overwrite, resume=False, can_resume=False)
+    path = _start(prep)
+    try:
+        return _export_blocks(prep, path, n_blocks)
+    except BaseException:
+        _discard(prep.plan)
+        raise
+
+
+def _export_blocks(prep: _Prepared, path: Path, n_blocks: int) -> list[Path]:
+    cfg, loaded = prep.cfg, prep.loaded
     captured: list[dict[str, Any]] = []
     recorder = _recording_solver(cfg.solver.name, captured, n_blocks)
     short = cfg.replace(
@@ -551,7 +661,7 @@ def run_export_blocks(
         bcd=dataclasses.replace(cfg.bcd, max_steps=n_blocks, checkpoint_every_s=None),
     )
     steps: list[dict[str, Any]] = []
-    icbs.prune(loaded.model, short, calibration, loaded.adapter.per_sample_loss, layers=layers,
+    icbs.prune(loaded.model, short, prep.calibration, loaded.adapter.per_sample_loss, layers=prep.layers,
                callbacks=[lambda event: steps.append(event) if event.get("event") == "step" else None])
     solved = [row for row in steps if row.get("status") != "SKIPPED"]
     blocks_dir = path / export.BLOCKS_DIR_NAME
