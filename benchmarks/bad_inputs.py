@@ -206,7 +206,7 @@ def cases() -> list[Case]:
         Case("builtin and path both set", _prune(), "'model.builtin'", _yaml("model: {builtin: mnist_mlp, path: x}\n")),
         # --- --set
         Case("--set without '='", _set("blocks.k"), "blocks.k", _base()),
-        Case("--set with an empty key", _set("=3"), "'='", _base()),
+        Case("--set with an empty key", _set("=3"), "'=3'", _base()),
         Case("--set value is invalid YAML", _set("solver.params={a: [1,"), "'solver.params'", _base()),
         Case("--set through a scalar", _set("pruning.density.x=1"), "'pruning.density.x'", _base()),
         Case("--set unknown key", _set("bcd.budget=10m"), "'bcd.budget'", _base()),
@@ -316,7 +316,7 @@ def run_case(case: Case, timeout: float = 300) -> dict[str, Any]:
             command = [sys.executable, "-c", case.launcher] if case.launcher else [sys.executable, "-m", "icbs"]
             started = time.perf_counter()
             result = subprocess.run(command + case.args, cwd=tmp, env=env, capture_output=True, text=True,
-                                    timeout=timeout)
+                                    timeout=timeout, check=False)
             seconds = time.perf_counter() - started
             after = _snapshot(tmp)
         finally:

@@ -115,7 +115,8 @@ def _check_unique_keys(node: yaml.Node, where: str, path: tuple[str, ...] = ()) 
             dotted = ".".join(path + (key,))
             line = key_node.start_mark.line + 1
             if key in seen:
-                raise ConfigError(f"{where}: key '{dotted}' appears twice (lines {seen[key]} and {line})")
+                lines = f"line {line}" if seen[key] == line else f"lines {seen[key]} and {line}"
+                raise ConfigError(f"{where}: key '{dotted}' appears twice ({lines})")
             seen[key] = line
             _check_unique_keys(value_node, where, path + (key,))
     elif isinstance(node, yaml.SequenceNode):
@@ -142,7 +143,7 @@ def load_yaml(text: str, where: str, path: tuple[str, ...] = ()) -> Any:
         if node is None:
             return None
         _check_unique_keys(node, where, path)
-        return yaml.load(text, Loader=_UserYamlLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_UserYamlLoader)  # a SafeLoader subclass: no Python objects
     except yaml.YAMLError as err:
         raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(err)}") from err
 
@@ -650,7 +651,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         key, raw = item.split("=", 1)
         parts = [p for p in key.strip().split(".")]
         if not all(parts):
-            raise ConfigError(f"override key should look like 'section.key'; got {key!r}")
+            raise ConfigError(f"override key should look like 'section.key'; got {key!r} in {item!r}")
         node = result
         for part in parts[:-1]:
             child = node.get(part)
