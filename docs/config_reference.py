@@ -22,13 +22,13 @@ END = "<!-- config-reference:end -->"
 
 DESCRIPTIONS: dict[str, str] = {
     "model.kind": "`classifier`, `causal_lm` or `image_classifier`",
-    "model.builtin": "a model icbs builds: `mnist_mlp`, `deit_tiny` (trained and cached on first use), `smollm2`, `tiny_llama`",
+    "model.builtin": "a model icbs builds: `mnist_mlp`, `deit_tiny` (trained and cached on first use), `smollm2`, `tiny_llama`; the default when `path` and `gguf_file` are unset",
     "model.path": "local folder/file or hub id (used when `builtin` is not set)",
     "model.gguf_file": "GGUF file inside `path` (or an absolute path); de-quantised on load",
     "model.dtype": "`float32`, `float16`, `bfloat16` or `float64`",
     "model.device": "`auto`, `cpu`, `cuda`, `cuda:N` or `mps`",
     "model.device_map": "shard a Hugging Face model over devices with accelerate: `auto`, `balanced`, `balanced_low_0`, `sequential`, or a mapping module name -> device (`{\"\": cpu}`, `{model.layers.0: 0}`); replaces `device`",
-    "model.include": "regexes (`re.search`) over `nn.Linear` module names to prune; empty = all but the head",
+    "model.include": "regexes (`re.search`) over `nn.Linear` module names to prune; empty = all but the output head (`lm_head`, `classifier`, `head`, `score`, else a classifier's last `nn.Linear`, e.g. `fc3` of `mnist_mlp`); naming the head includes it",
     "model.exclude": "regexes of layers to leave dense",
     "model.cache_dir": "where built-in models are cached (default `~/.cache/icbs`)",
     "calibration.source": "`pydoc`, `text`, `mnist`, `npz`, `hf_dataset` or `random_tokens`",

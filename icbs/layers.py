@@ -1,20 +1,35 @@
 """Which layers of a model are pruned.
 
-:func:`find_prunable` picks the ``nn.Linear`` modules of a model by name patterns (output heads left
-out unless named explicitly); :func:`check_layers` validates a user-given ``{name: module}`` mapping
-before any work starts. A layer's weight is viewed as ``(n_out, n_in)``; flat indices are row-major.
+:func:`find_prunable` picks the ``nn.Linear`` modules of a model by name patterns, leaving out the output
+heads (:func:`output_heads`) unless an ``include`` pattern names them; :func:`check_layers` validates a
+user-given ``{name: module}`` mapping before any work starts. A layer's weight is viewed as ``(n_out, n_in)``; flat indices are row-major.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["HEAD_NAMES", "find_prunable", "check_layers"]
+__all__ = ["HEAD_NAMES", "output_heads", "find_prunable", "check_layers"]
 
+#: Last name parts of ``nn.Linear`` modules that are output heads (Hugging Face's names).
 HEAD_NAMES = ("lm_head", "classifier", "head", "score")
+
+
+def output_heads(model: nn.Module, *, last_linear: bool = False) -> set[str]:
+    """Module names of the output heads of ``model``: the ``nn.Linear`` layers left dense by default.
+
+    A head is an ``nn.Linear`` whose last name part is in :data:`HEAD_NAMES`. A classifier's adapter
+    passes ``last_linear=True``: when no layer has such a name, the last ``nn.Linear`` in module order
+    (the layer that produces the logits of a plain classifier, e.g. ``fc3`` of the MNIST MLP) is the head.
+    """
+    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    named = {name for name in linear if name.split(".")[-1] in HEAD_NAMES}
+    if named or not last_linear or not linear:
+        return named
+    return {linear[-1]}
 
 
 def _compile(patterns: Sequence[str], key: str) -> list[re.Pattern[str]]:
@@ -32,18 +47,21 @@ def _compile(patterns: Sequence[str], key: str) -> list[re.Pattern[str]]:
 
 
 def find_prunable(
-    model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+    model: nn.Module,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    heads: Collection[str] | None = None,
 ) -> dict[str, nn.Module]:
     """Return the prunable ``nn.Linear`` layers of ``model``.
 
     A layer is kept when its module name matches (``re.search``) one of ``include`` (empty = every
-    layer) and none of ``exclude``. Output heads (last name part in :data:`HEAD_NAMES`) are left out
-    unless an ``include`` pattern names them.
+    layer) and none of ``exclude``. Output heads are left out unless an ``include`` pattern names them.
 
     Args:
         model: the model.
         include: regular expressions; empty means all ``nn.Linear`` layers.
         exclude: regular expressions of layers to leave dense.
+        heads: module names of the output heads; default :func:`output_heads` (heads by name).
 
     Returns:
         ``{module_name: module}`` in the model's module order.
@@ -61,6 +79,7 @@ def find_prunable(
                     f"'{key}' pattern {pattern.pattern!r} matches no nn.Linear layer; "
                     f"layers are: {', '.join(name for name, _ in linear[:20]) or '(none)'}"
                 )
+    head_names = output_heads(model) if heads is None else set(heads)
     chosen: dict[str, nn.Module] = {}
     for name, module in linear:
         explicitly = any(pattern.search(name) for pattern in include_re)
@@ -68,7 +87,7 @@ def find_prunable(
             continue
         if any(pattern.search(name) for pattern in exclude_re):
             continue
-        if name.split(".")[-1] in HEAD_NAMES and not explicitly:
+        if name in head_names and not explicitly:
             continue
         chosen[name] = module
     if not chosen:

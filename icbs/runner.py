@@ -1,8 +1,12 @@
 """The end-to-end pipelines behind the CLI: config -> model -> data -> evaluate -> prune -> evaluate -> save.
 
 Each ``run_*`` function takes a validated :class:`~icbs.config.IcbsConfig` and plain arguments (never an
-argparse namespace), checks the output folder before anything expensive, and returns a small result object
-the CLI turns into a summary. Algorithm code lives elsewhere: :func:`icbs.prune` (the BCD driver),
+argparse namespace) and runs in two phases. The pre-flight checks everything it can before anything is
+written: the output folder first (nothing expensive is done for a refused folder), then the device, the
+model, the data, the layers and every setting that needs them (block sizes, pattern and density against the
+layer shapes, samples per estimate). Only then is the output folder created and ``config.yaml`` written. A run
+that fails before its first checkpoint leaves the folder as it was (absent if it did not exist). It returns
+a small result object the CLI turns into a summary. Algorithm code lives elsewhere: :func:`icbs.prune` (the BCD driver),
 :func:`icbs.baselines.run_baseline` (one-shot methods), :mod:`icbs.models` and :mod:`icbs.data`.
 """
 
@@ -17,18 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
+import icbs
 import solvers
-from icbs import export
+from icbs import checkpoint, export
+from icbs.batching import batch_size
+from icbs.blocks import check_block_size
 from icbs.config import IcbsConfig, ModelConfig
 from icbs.evaluation import check_lm_eval_tasks, run_lm_eval
+from icbs.executors import check_ray_address
+from icbs.initialise import REFITTING_INITS
 from icbs.models import model_kind
-from icbs.records import EvalRecord, StepRecord
+from icbs.records import EvalRecord, RunReport, StepRecord
+from icbs.models.base import resolve_device
+from icbs.state import MaskPattern, PruningState
 
 __all__ = [
     "RunOutcome",
+    "Interrupted",
     "ProgressReporter",
     "run_prune",
     "run_evaluate",
@@ -41,7 +52,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BASELINE_METHODS = ("magnitude", "wanda", "sparsegpt", "random")
-_DENSITY_TOL = 1e-9
 
 
 @dataclasses.dataclass
@@ -159,9 +169,8 @@ def _layers(cfg: IcbsConfig, loaded: Any) -> dict[str, nn.Module]:
     return dict(layers)
 
 
-def _evaluator(
-    loaded: Any, batches: Sequence[dict[str, torch.Tensor]], progress: bool = False
-) -> Callable[[nn.Module], dict[str, float]]:
+def _evaluator(loaded: Any, batches: Sequence[dict[str, torch.Tensor]],
+               progress: bool = False) -> Callable[[nn.Module], dict[str, float]]:
     def evaluate(model: nn.Module) -> dict[str, float]:
         with torch.no_grad():
             return {k: float(v) for k, v in loaded.adapter.evaluate(model, batches, progress=progress).items()}
@@ -178,21 +187,14 @@ def _check_zeros(layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tens
             raise RuntimeError(f"layer {name!r} has {leaked} non-zero weights outside its mask after pruning")
 
 
-def _check_density(cfg: IcbsConfig, layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> None:
-    """Each layer keeps exactly ``round(density * size)`` weights (unstructured) or the pattern's count."""
-    from icbs.config import parse_pattern
-
-    kind, n, m = parse_pattern(cfg.pruning.pattern)
+def _check_density(cfg: IcbsConfig, masks: Mapping[str, torch.Tensor]) -> None:
+    """Each layer keeps exactly the pattern's count (:class:`~icbs.state.MaskPattern`, the driver's own rule)."""
+    pattern = MaskPattern.from_config(cfg.pruning.density, cfg.pruning.pattern)
     for name, mask in masks.items():
-        kept = int(mask.sum())
-        if kind == "unstructured":
-            expected = round(cfg.pruning.density * mask.numel())
-        elif kind == "per_output":
-            expected = round(cfg.pruning.density * mask.shape[1]) * mask.shape[0]
-        else:
-            expected = mask.numel() * n // m
-        if kept != expected:
-            logger.warning("layer %r keeps %d weights; the target is %d", name, kept, expected)
+        shape = (int(mask.shape[0]), int(mask.shape[1]))
+        expected = mask.numel() // pattern.group_length(shape) * pattern.group_target(shape)
+        if int(mask.sum()) != expected:
+            logger.warning("layer %r keeps %d weights; the target is %d", name, int(mask.sum()), expected)
 
 
 def _write_outputs(
@@ -237,28 +239,141 @@ def _plot(out_dir: Path, report: Mapping[str, Any]) -> None:
         )
 
 
-def _prepare(cfg: IcbsConfig, out_dir: str | Path | None, *, overwrite: bool, resume: bool) -> Path:
-    target = Path(out_dir) if out_dir is not None else Path(cfg.export.dir)
-    path = export.prepare_output_dir(target, overwrite=overwrite or cfg.export.overwrite and not resume,
-                                     resume=resume)
-    config_path = path / export.CONFIG_NAME
-    if resume and config_path.is_file():
-        saved = yaml.safe_load(config_path.read_text()) or {}
-        if _comparable(saved) != _comparable(cfg.to_dict()):
-            logger.warning("the config differs from the one the run started with (%s); continuing with the new one",
-                           config_path)
-    export.write_config(cfg, config_path)
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM after its output folder was created.
+
+    Attributes:
+        out_dir: the output folder.
+        checkpoint: the run's checkpoint, kept for ``--resume``; ``None`` when the run had written none
+            (its folder was then left as it was before the run).
+    """
+
+    def __init__(self, out_dir: Path, checkpoint: Path | None) -> None:
+        super().__init__(str(out_dir))
+        self.out_dir = out_dir
+        self.checkpoint = checkpoint
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """What the pre-flight checked and built; nothing is written before it exists.
+
+    Attributes:
+        cfg: the config, with ``export.dir`` set to the folder actually used (what ``config.yaml`` records).
+        plan: the output folder's plan (:func:`icbs.export.check_output_dir`).
+        loaded, calibration, evaluation, layers: the model, its data and the layers to prune.
+        timings: seconds spent loading the model and building the data.
+    """
+
+    cfg: IcbsConfig
+    plan: export.OutputPlan
+    loaded: Any
+    calibration: list[dict[str, torch.Tensor]]
+    evaluation: list[dict[str, torch.Tensor]]
+    layers: dict[str, nn.Module]
+    timings: dict[str, float]
+
+
+def _preflight(cfg: IcbsConfig, target: Path, *, overwrite: bool, resume: bool, can_resume: bool,
+               progress: bool = False) -> _Prepared:
+    """Every check a run can make before it writes anything, cheapest first.
+
+    The output folder (may it be written, is its checkpoint readable and made with the same settings),
+    the device, the solver's size limit; then the model loads, the data is built, the layers are chosen
+    and checked against the settings (:func:`_check_fit`). Raises on the first failure.
+    """
+    plan = export.check_output_dir(target, overwrite=overwrite or cfg.export.overwrite and not resume,
+                                   resume=resume, can_resume=can_resume)
+    if plan.resume_checkpoint is not None:
+        checkpoint.check_resumable(checkpoint.load_checkpoint(plan.resume_checkpoint)["config"], cfg.to_dict())
+    resolve_device(cfg.model.device)
+    check_lm_eval_tasks(cfg.eval, model_kind(cfg.model))
+    if cfg.bcd.executor == "ray":
+        check_ray_address(cfg.bcd.ray_address, cfg.bcd.workers)
+    limit = cfg.solver.max_variables()
+    if limit is not None and cfg.blocks.block_size > limit:
+        raise ValueError(f"'blocks.block_size' ({cfg.blocks.block_size}) exceeds the {limit} variables solver "
+                         f"{cfg.solver.name!r} accepts; lower blocks.block_size or pick another solver.name")
+    timings: dict[str, float] = {}
+    mark = time.perf_counter()
+    loaded = _load(cfg.model, progress)
+    timings["load_model_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    calibration, evaluation = _data(cfg, loaded)
+    layers = _layers(cfg, loaded)
+    _check_fit(cfg, layers, calibration)
+    timings["data_s"] = time.perf_counter() - mark
+    cfg = cfg.replace(export=dataclasses.replace(cfg.export, dir=str(plan.path)))
+    return _Prepared(cfg, plan, loaded, calibration, evaluation, layers, timings)
+
+
+def _check_fit(cfg: IcbsConfig, layers: Mapping[str, nn.Module], calibration: Sequence[dict[str, torch.Tensor]]) -> None:
+    """The checks that need the model: pattern and density against every layer's shape, block size against
+    every layer's free weights (the driver's own rules, run on shape-only stand-ins), samples per estimate
+    against the calibration set.
+
+    Raises:
+        ValueError: names the setting and the layer.
+    """
+    pattern = MaskPattern.from_config(cfg.pruning.density, cfg.pruning.pattern)
+    stand_ins = {name: _ShapeOnly(module.weight) for name, module in layers.items()}
+    state = PruningState(stand_ins, pattern, cfg.blocks.tabu_frac)
+    free = state.free_counts(cfg.scoring.fix_frac_prune, cfg.scoring.fix_frac_keep)
+    check_block_size(cfg.blocks.block_size, cfg.blocks.k, free)
+    n_calibration = sum(batch_size(batch) for batch in calibration)
+    if cfg.derivatives.n_samples > n_calibration:
+        raise ValueError(f"'derivatives.n_samples' should be at most the {n_calibration} calibration samples "
+                         f"(calibration.n_samples); got {cfg.derivatives.n_samples}")
+
+
+class _ShapeOnly:
+    """A layer stand-in whose weight has the real shape and dtype but no storage (``meta`` device)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+
+
+def _start(prep: _Prepared) -> Path:
+    """Create (or clear) the output folder and write ``config.yaml``: the first writes of a run."""
+    path = export.prepare_output_dir(prep.plan)
+    try:
+        export.write_config(prep.cfg, path / export.CONFIG_NAME)
+    except BaseException:
+        _discard(prep.plan)
+        raise
     return path
 
 
-def _comparable(data: Mapping[str, Any]) -> dict[str, Any]:
-    data = dict(data)
-    data.pop("export", None)
-    bcd = dict(data.get("bcd") or {})
-    for key in ("time_budget", "max_steps", "max_epochs", "checkpoint_every_s"):
-        bcd.pop(key, None)
-    data["bcd"] = bcd
-    return data
+def _discard(plan: export.OutputPlan) -> None:
+    """Remove what a run that failed before its first checkpoint wrote; a folder it created goes too."""
+    try:
+        export.discard_outputs(plan)
+    except OSError as err:
+        logger.warning("could not remove the outputs of the failed run in %s: %s", plan.path, err)
+
+
+def _target(cfg: IcbsConfig, out_dir: str | Path | None) -> Path:
+    return Path(out_dir) if out_dir is not None else Path(cfg.export.dir)
+
+
+def _report(command: str, prep: _Prepared, masks: Mapping[str, torch.Tensor], metrics: dict[str, Any],
+            timings: dict[str, float], **extra: Any) -> dict[str, Any]:
+    """The ``report.json`` of a pipeline (:class:`~icbs.records.RunReport`): shared fields, then the command's ``extra``."""
+    densities = export.mask_densities(masks)
+    return RunReport(
+        command=command, model=prep.loaded.name, metric=primary_metric(metrics["final"]), metrics=metrics,
+        density={"target": prep.cfg.pruning.density, "achieved": densities["total"], "per_layer": densities},
+        metric_vs_time=extra.pop("metric_vs_time", []), steps=extra.pop("steps", []), timings=timings,
+        seed=prep.cfg.bcd.seed, resumed=extra.pop("resumed", False), config=prep.cfg.to_dict(),
+        versions=export.collect_versions(), **extra,
+    ).to_dict()
+
+
+def _finish(prep: _Prepared, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the pruned weights in the model and check the result: exact zeros, the target counts."""
+    export.apply_masks(prep.layers, masks)
+    _check_zeros(prep.layers, masks)
+    _check_density(prep.cfg, masks)
 
 
 def run_prune(
@@ -271,11 +386,16 @@ def run_prune(
 ) -> RunOutcome:
     """Prune the configured model with icbs and write every output.
 
+    Everything that can be checked is checked before the output folder is created (:func:`_preflight`).
+    A run that fails or is interrupted keeps its checkpoint for ``--resume``; one that fails before its
+    first checkpoint leaves the folder as it was.
+
     Args:
         cfg: validated config.
         out_dir: output folder (default ``cfg.export.dir``).
         overwrite: replace the icbs outputs of an existing folder.
-        resume: continue the run whose checkpoint is in the folder.
+        resume: continue the run whose checkpoint is in the folder (a folder whose run stopped before its
+            first checkpoint starts that run again).
         progress: draw a progress bar.
 
     Returns:
@@ -283,21 +403,29 @@ def run_prune(
 
     Raises:
         OutputExistsError: the folder exists and neither ``overwrite`` nor ``resume`` is set.
-        FileNotFoundError: ``resume`` without a checkpoint.
+        FileNotFoundError: ``resume`` without a run to continue.
+        ValueError: a setting that does not fit the model, data or checkpoint (names the key).
+        Interrupted: Ctrl-C or SIGTERM after the folder was created.
     """
-    import icbs
-
-    check_lm_eval_tasks(cfg.eval, model_kind(cfg.model))
-    path = _prepare(cfg, out_dir, overwrite=overwrite, resume=resume)
-    timings: dict[str, float] = {}
+    prep = _preflight(cfg, _target(cfg, out_dir), overwrite=overwrite, resume=resume, can_resume=True,
+                      progress=progress)
     started = time.perf_counter()
-    loaded = _load(cfg.model, progress)
-    timings["load_model_s"] = time.perf_counter() - started
-    mark = time.perf_counter()
-    calibration, evaluation = _data(cfg, loaded)
-    layers = _layers(cfg, loaded)
-    evaluate = _evaluator(loaded, evaluation, progress)
-    timings["data_s"] = time.perf_counter() - mark
+    path = _start(prep)
+    checkpoint_file = path / export.CHECKPOINT_NAME
+    try:
+        return _prune(prep, path, progress, started)
+    except BaseException as err:
+        if not checkpoint_file.is_file():
+            _discard(prep.plan)
+        if isinstance(err, KeyboardInterrupt):
+            raise Interrupted(path, checkpoint_file if checkpoint_file.is_file() else None) from err
+        raise
+
+
+def _prune(prep: _Prepared, path: Path, progress: bool, started: float) -> RunOutcome:
+    cfg, loaded = prep.cfg, prep.loaded
+    timings = dict(prep.timings)
+    evaluate = _evaluator(loaded, prep.evaluation, progress)
     dense = lm_eval_dense = None
     if cfg.eval.before:
         mark = time.perf_counter()
@@ -307,28 +435,18 @@ def run_prune(
         lm_eval_dense = run_lm_eval(cfg.eval, loaded.model, loaded.tokenizer, "dense")
     reporter = ProgressReporter(cfg.bcd.time_budget, cfg.bcd.max_steps,
                                 log_every_s=min(cfg.eval.every_s or 30.0, 30.0), enabled=progress)
+    resumed = prep.plan.resume_checkpoint is not None
     mark = time.perf_counter()
     try:
-        result = icbs.prune(
-            loaded.model,
-            cfg,
-            calibration,
-            loaded.adapter.per_sample_loss,
-            layers=layers,
-            evaluate=evaluate,
-            callbacks=[reporter],
-            checkpoint_path=path / export.CHECKPOINT_NAME,
-            resume=resume,
-            progress=reporter.progress,
-        )
+        result = icbs.prune(loaded.model, cfg, prep.calibration, loaded.adapter.per_sample_loss, layers=prep.layers,
+                            evaluate=evaluate, callbacks=[reporter], checkpoint_path=path / export.CHECKPOINT_NAME,
+                            resume=resumed, progress=reporter.progress)
     finally:
         reporter.close()
     timings["prune_s"] = time.perf_counter() - mark
     masks = {name: mask.bool() for name, mask in result.masks.items()}
     # The driver leaves the model pruned; applying the masks again is a no-op then and a guarantee otherwise.
-    export.apply_masks(layers, masks)
-    _check_zeros(layers, masks)
-    _check_density(cfg, layers, masks)
+    _finish(prep, masks)
     core = result.report.to_dict()
     final = core.get("final_metrics")
     if not final:
@@ -336,30 +454,15 @@ def run_prune(
         final = evaluate(loaded.model)
         timings["eval_final_s"] = time.perf_counter() - mark
     init = core.get("init_metrics")
-    metric = primary_metric(final)
-    densities = export.mask_densities(masks)
-    report: dict[str, Any] = {
-        "command": "prune",
-        "model": loaded.name,
-        "metric": metric,
-        "metrics": {"dense": dense, "init": init, "final": final},
-        "density": {"target": cfg.pruning.density, "achieved": densities["total"], "per_layer": densities},
-        "metric_vs_time": list(core.get("evaluations") or []),
-        "steps": [record.to_dict() for record in result.history],
-        "timings": timings,
-        "seed": cfg.bcd.seed,
-        "resumed": resume,
-        "config": cfg.to_dict(),
-        "versions": export.collect_versions(),
-        "prune": core,
-    }
-    report["lm_eval"] = {"dense": lm_eval_dense, "final": run_lm_eval(cfg.eval, loaded.model, loaded.tokenizer)}
-    timings["total_s"] = time.perf_counter() - started
+    metrics = {"dense": dense, "init": init, "final": final}
+    timings["total_s"] = prep.timings["load_model_s"] + prep.timings["data_s"] + time.perf_counter() - started
+    report = _report("prune", prep, masks, metrics, timings, metric_vs_time=list(core.get("evaluations") or []),
+                     steps=[record.to_dict() for record in result.history], resumed=resumed, prune=core,
+                     lm_eval={"dense": lm_eval_dense, "final": run_lm_eval(cfg.eval, loaded.model, loaded.tokenizer)})
     _write_outputs(path, cfg, loaded, masks, report, progress)
-    checkpoint = path / export.CHECKPOINT_NAME
-    if checkpoint.exists():
-        checkpoint.unlink()  # the run finished: its outputs replace the checkpoint
-    return RunOutcome(path, metric, dense, init, final, densities["total"], report)
+    (path / export.CHECKPOINT_NAME).unlink(missing_ok=True)  # the run finished: its outputs replace the checkpoint
+    export.remove_temp_files(path)
+    return RunOutcome(path, report["metric"], dense, init, final, report["density"]["achieved"], report)
 
 
 def _fmt(metrics: Mapping[str, float] | None) -> str:
@@ -429,52 +532,45 @@ def run_baseline(
         overwrite: replace the icbs outputs of an existing folder.
 
     Raises:
-        ValueError: unknown method.
+        ValueError: unknown method, or a setting that does not fit the model or data (names the key).
         OutputExistsError: the folder exists and ``overwrite`` is not set.
     """
     if method not in BASELINE_METHODS:
         raise ValueError(f"'method' should be one of {', '.join(BASELINE_METHODS)}; got {method!r}")
-    check_lm_eval_tasks(cfg.eval, model_kind(cfg.model))
     target = Path(out_dir) if out_dir is not None else Path(f"{cfg.export.dir.rstrip('/')}-{method}")
-    path = _prepare(cfg, target, overwrite=overwrite, resume=False)
+    prep = _preflight(cfg, target, overwrite=overwrite, resume=False, can_resume=False)
+    started = time.perf_counter()
+    path = _start(prep)
+    try:
+        return _baseline(method, prep, path, started)
+    except BaseException:
+        _discard(prep.plan)
+        raise
+
+
+def _baseline(method: str, prep: _Prepared, path: Path, started: float) -> RunOutcome:
     from icbs.baselines import run_baseline as baseline
 
-    started = time.perf_counter()
-    loaded = _load(cfg.model)
-    calibration, evaluation = _data(cfg, loaded)
-    layers = _layers(cfg, loaded)
-    evaluate = _evaluator(loaded, evaluation)
+    cfg, loaded = prep.cfg, prep.loaded
+    evaluate = _evaluator(loaded, prep.evaluation)
     dense = evaluate(loaded.model) if cfg.eval.before else None
     if dense is not None:
         logger.info("dense model: %s", _fmt(dense))
     lm_eval_dense = run_lm_eval(cfg.eval, loaded.model, loaded.tokenizer, "dense") if cfg.eval.before else None
     mark = time.perf_counter()
-    masks = baseline(method, loaded.model, layers, calibration, loaded.adapter.per_sample_loss,
-                     density=cfg.pruning.density, pattern=cfg.pruning.pattern, seed=cfg.bcd.seed)
-    prune_s = time.perf_counter() - mark
+    options = {"damping_frac": cfg.scoring.init_damping_frac} if method in REFITTING_INITS else {}
+    masks = baseline(method, loaded.model, prep.layers, prep.calibration, loaded.adapter.per_sample_loss,
+                     density=cfg.pruning.density, pattern=cfg.pruning.pattern, seed=cfg.bcd.seed, **options)
+    timings = {**prep.timings, "prune_s": time.perf_counter() - mark}
     masks = {name: mask.bool() for name, mask in masks.items()}
-    export.apply_masks(layers, masks)
-    _check_zeros(layers, masks)
-    _check_density(cfg, layers, masks)
+    _finish(prep, masks)
     final = evaluate(loaded.model)
-    metric = primary_metric(final)
-    densities = export.mask_densities(masks)
-    report = {
-        "command": "baseline",
-        "method": method,
-        "model": loaded.name,
-        "metric": metric,
-        "metrics": {"dense": dense, "final": final},
-        "density": {"target": cfg.pruning.density, "achieved": densities["total"], "per_layer": densities},
-        "timings": {"prune_s": prune_s, "total_s": time.perf_counter() - started},
-        "seed": cfg.bcd.seed,
-        "config": cfg.to_dict(),
-        "versions": export.collect_versions(),
-        "lm_eval": {"dense": lm_eval_dense, "final": run_lm_eval(cfg.eval, loaded.model, loaded.tokenizer)},
-    }
+    timings["total_s"] = prep.timings["load_model_s"] + prep.timings["data_s"] + time.perf_counter() - started
+    report = _report("baseline", prep, masks, {"dense": dense, "final": final}, timings, method=method,
+                     lm_eval={"dense": lm_eval_dense, "final": run_lm_eval(cfg.eval, loaded.model, loaded.tokenizer)})
     _write_outputs(path, dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, plots=False)),
                    loaded, masks, report)
-    return RunOutcome(path, metric, dense, None, final, densities["total"], report)
+    return RunOutcome(path, report["metric"], dense, None, final, report["density"]["achieved"], report)
 
 
 class _RecordingSolver(solvers.Solver):
@@ -528,21 +624,26 @@ def run_export_blocks(
         The written problem files (``.qp`` then ``.cqm`` of each block).
 
     Raises:
-        ValueError: ``n_blocks`` is not a positive int.
+        ValueError: ``n_blocks`` is not a positive int, or a setting does not fit the model or data.
         OutputExistsError: the folder exists and ``overwrite`` is not set.
     """
-    import icbs
-
     if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks <= 0:
         raise ValueError(f"'n_blocks' should be a positive int; got {n_blocks!r}")
-    path = _prepare(cfg, out_dir, overwrite=overwrite, resume=False)
-    loaded = _load(cfg.model)
-    calibration, _evaluation = _data(cfg, loaded)
-    layers = _layers(cfg, loaded)
+    prep = _preflight(cfg, Path(out_dir), overwrite=overwrite, resume=False, can_resume=False)
+    path = _start(prep)
+    try:
+        return _export_blocks(prep, path, n_blocks)
+    except BaseException:
+        _discard(prep.plan)
+        raise
+
+
+def _export_blocks(prep: _Prepared, path: Path, n_blocks: int) -> list[Path]:
+    cfg, loaded = prep.cfg, prep.loaded
     captured: list[dict[str, Any]] = []
     recorder = _RecordingSolver(solvers.get_solver(cfg.solver.name, **dict(cfg.solver.params)), captured, n_blocks)
     short = cfg.replace(bcd=dataclasses.replace(cfg.bcd, max_steps=n_blocks, checkpoint_every_s=None))
-    result = icbs.prune(loaded.model, short, calibration, loaded.adapter.per_sample_loss, layers=layers,
+    result = icbs.prune(loaded.model, short, prep.calibration, loaded.adapter.per_sample_loss, layers=prep.layers,
                         solver=recorder)
     solved = [record.to_dict() for record in result.history if record.status != "SKIPPED"]
     blocks_dir = path / export.BLOCKS_DIR_NAME

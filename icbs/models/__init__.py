@@ -8,7 +8,7 @@ or a GGUF file through one code path, which also reads the folders that ``adapte
 Example::
 
     loaded = load_model(ModelConfig(builtin="mnist_mlp"))
-    layers = loaded.adapter.prunable_layers(loaded.model)      # {"fc1": ..., "fc2": ..., "fc3": ...}
+    layers = loaded.adapter.prunable_layers(loaded.model)      # {"fc1": ..., "fc2": ...}; fc3 is the head
 """
 
 from __future__ import annotations
@@ -120,6 +120,8 @@ def _load_saved_classifier(cfg: ModelConfig) -> LoadedModel:
     from safetensors.torch import load_file
 
     folder = Path(str(cfg.path)).expanduser()
+    if not folder.exists():
+        raise ValueError(f"'model.path' {cfg.path!r} does not exist")
     meta_file = folder / CLASSIFIER_META_FILE
     if not meta_file.is_file():
         raise ValueError(

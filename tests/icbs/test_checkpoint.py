@@ -38,8 +38,8 @@ def test_save_checkpoint_is_atomic_and_leaves_no_temp_files(tmp_path):
     path = tmp_path / "run.ckpt"
     state = {"layers": {"a": {"keep_mask": torch.ones(2, 3, dtype=torch.bool), "fixed_pruned": torch.zeros(2, 3, dtype=torch.bool),
                               "fixed_kept": torch.zeros(2, 3, dtype=torch.bool)}}}
-    save_checkpoint(path, {"state": state, "driver": {"step": 1}})
-    save_checkpoint(path, {"state": state, "driver": {"step": 2}})
+    save_checkpoint(path, {"state": state, "driver": {"step": 1}, "rng": {}, "config": {}})
+    save_checkpoint(path, {"state": state, "driver": {"step": 2}, "rng": {}, "config": {}})
     assert load_checkpoint(path)["driver"]["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -129,3 +129,70 @@ def test_resume_of_a_finished_run_returns_its_masks(tmp_path, mlp_problem):
     assert again.report.steps == 4
     for name, mask in first.masks.items():
         assert torch.equal(again.masks[name], mask)
+
+
+def _payload(step: int = 1) -> dict:
+    state = {"layers": {"a": {"keep_mask": torch.ones(2, 3, dtype=torch.bool), "fixed_pruned": torch.zeros(2, 3, dtype=torch.bool),
+                              "fixed_kept": torch.zeros(2, 3, dtype=torch.bool)}}}
+    return {"state": state, "driver": {"step": step}, "rng": {}, "config": {}}
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "is an empty file"),
+        (b"PK\x03\x04 cut short", "not a torch file, or cut short"),
+        (b"plain text", "not a torch file, or cut short"),
+    ],
+)
+def test_load_checkpoint_damaged_file_is_one_short_line(tmp_path, content, reason):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert reason in message and "checkpoint.pt" in message
+    assert "weights_only" not in message and "\n" not in message and len(message) < 200
+
+
+def test_load_checkpoint_refuses_pickled_objects_and_unrelated_torch_files(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"version": 1, "model": torch.nn.Linear(2, 2)}, path)
+    with pytest.raises(ValueError, match="holds objects other than plain data") as info:
+        load_checkpoint(path)
+    assert len(str(info.value)) < 200
+    torch.save({"version": 1, "weights": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match="is not an icbs checkpoint \\(no 'state' entry\\)"):
+        load_checkpoint(path)
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(ValueError, match="is not an icbs checkpoint of version 1"):
+        load_checkpoint(path)
+
+
+def test_check_resumable_names_the_first_changed_setting():
+    from icbs.checkpoint import check_resumable
+
+    saved = icbs.config_from_dict(CONFIG).to_dict()
+    changed_budget = icbs.config_from_dict({**CONFIG, "bcd": {**CONFIG["bcd"], "max_steps": 99}}).to_dict()
+    check_resumable(saved, changed_budget)  # budgets may change
+    changed_k = icbs.config_from_dict({**CONFIG, "blocks": {**CONFIG["blocks"], "k": 3}}).to_dict()
+    with pytest.raises(ValueError, match=r"'blocks.k' differs from the checkpoint's \(4; now 3\)"):
+        check_resumable(saved, changed_k)
+    with pytest.raises(ValueError, match=r"'pruning.density' differs from the checkpoint's \(absent"):
+        check_resumable({}, saved)
+
+
+def test_save_checkpoint_failure_names_the_checkpoint_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, _payload(1))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="cannot write '.*checkpoint.pt': No space left on device"):
+        save_checkpoint(path, _payload(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert load_checkpoint(path)["driver"]["step"] == 1

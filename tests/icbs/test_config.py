@@ -229,3 +229,71 @@ def test_config_is_frozen():
     cfg = config_from_dict({})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.blocks.k = 3  # type: ignore[misc]
+
+
+def test_load_config_reads_n_m_patterns_unquoted_as_the_readme_writes_them(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("pruning:\n  density: 0.5\n  pattern: 2:4\nblocks:\n  block_size: 64\n  k: 32\n")
+    assert load_config(path).pruning.pattern == "2:4"
+    assert load_config(path, overrides=["pruning.pattern=4:8"]).pruning.pattern == "4:8"
+    assert parse_pattern(load_config(path).pruning.pattern) == ("nm", 2, 4)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1e-3", 1e-3), ("-2.5E+2", -250.0), (".5", 0.5), ("12", 12), ("0x10", 16), ("1_000", 1000), ("1:30", "1:30"),
+     ("true", True), ("null", None), ("[a, 2:4]", ["a", "2:4"])],
+)
+def test_load_yaml_numbers_follow_yaml_1_2(text, value):
+    from icbs.config import load_yaml
+
+    assert load_yaml(text, "test") == value
+
+
+def test_load_config_duplicate_key_names_the_dotted_key_and_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("pruning:\n  density: 0.1\nblocks:\n  k: 8\npruning:\n  density: 0.9\n")
+    with pytest.raises(ConfigError, match=r"key 'pruning' appears twice \(lines 1 and 5\)"):
+        load_config(path)
+    path.write_text("pruning:\n  density: 0.1\n  density: 0.9\n")
+    with pytest.raises(ConfigError, match=r"config file '.*dup.yaml': key 'pruning.density' appears twice"):
+        load_config(path)
+
+
+def test_override_with_invalid_yaml_names_the_key():
+    with pytest.raises(ConfigError, match=r"--set 'solver.params' value .* is not valid YAML") as info:
+        apply_overrides({}, ["solver.params={num_sweeps: [1,"])
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"key 'solver.params.a' appears twice"):
+        apply_overrides({}, ["solver.params={a: 1, a: 2}"])
+    # Repeating a --set is an override, not a duplicate: the last one wins.
+    assert apply_overrides({}, ["blocks.k=3", "blocks.k=4"])["blocks"]["k"] == 4
+
+
+def test_load_config_refuses_python_tags_and_binary_files(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("model: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="evil.yaml' is not valid YAML: could not determine a constructor"):
+        load_config(path)
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(tmp_path)
+
+
+def test_model_section_without_a_model_gets_the_default_builtin():
+    assert config_from_dict({"model": {"device": "cpu"}}).model.builtin == "mnist_mlp"
+    assert config_from_dict({"model": None}).model.builtin == "mnist_mlp"
+    assert config_from_dict({"model": {"kind": "causal_lm", "path": "x"}}).model.builtin is None
+    assert "'model.builtin'" in _error({"model": {"builtin": "mnist_mlp", "path": "x"}})
+    assert config_from_dict({"model": {"kind": "causal_lm", "gguf_file": "/m.gguf"}}).model.gguf_file == "/m.gguf"
+
+
+@pytest.mark.parametrize(("k", "block_size"), [(0, 8), (8, 8), (-1, 8)])
+def test_blocks_k_must_leave_pruned_and_kept_weights_in_a_block(k, block_size):
+    assert "'blocks.k'" in _error({"blocks": {"block_size": block_size, "k": k}})
+
+
+def test_blocks_block_size_of_one_is_refused():
+    assert "'blocks.block_size' should be an int >= 2" in _error({"blocks": {"block_size": 1, "k": 1}})

@@ -43,13 +43,25 @@ def test_prepare_output_dir_overwrite_removes_only_icbs_outputs(tmp_path):
     (tmp_path / "report.json").write_text("{}")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "model" / export.MODEL_MANIFEST_NAME).write_text("model.safetensors\n")
+    (tmp_path / "model" / "my_notes.md").write_text("mine too")
+    (tmp_path / "blocks").mkdir()
+    (tmp_path / "blocks" / "block_0000.qp").write_text("qp")
+    (tmp_path / "checkpoint.pt.1a2b3c4d.tmp").write_bytes(b"half a checkpoint")
     (tmp_path / "notes.txt").write_text("mine")
     export.prepare_output_dir(tmp_path, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "model", "model/my_notes.md", "notes.txt"]
+
+
+def test_prepare_output_dir_overwrite_keeps_a_model_folder_icbs_did_not_write(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.bin").write_bytes(b"theirs")
+    export.prepare_output_dir(tmp_path, overwrite=True)
+    assert (tmp_path / "model" / "weights.bin").read_bytes() == b"theirs"
 
 
 def test_prepare_output_dir_resume_needs_checkpoint(tmp_path):
-    (tmp_path / "config.yaml").write_text("{}")
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         export.prepare_output_dir(tmp_path, resume=True)
     (tmp_path / export.CHECKPOINT_NAME).write_bytes(b"ckpt")
@@ -57,6 +69,66 @@ def test_prepare_output_dir_resume_needs_checkpoint(tmp_path):
     assert (tmp_path / export.CHECKPOINT_NAME).read_bytes() == b"ckpt"
     with pytest.raises(ValueError, match="--overwrite"):
         export.prepare_output_dir(tmp_path, resume=True, overwrite=True)
+
+
+def test_check_output_dir_resume_before_first_checkpoint_starts_again(tmp_path):
+    # A run killed while writing its first checkpoint leaves config.yaml and a temporary file.
+    (tmp_path / export.CONFIG_NAME).write_text("{}")
+    (tmp_path / "checkpoint.pt.0badc0de.tmp").write_bytes(b"half")
+    plan = export.check_output_dir(tmp_path, resume=True)
+    assert plan.resume_checkpoint is None and plan.existed
+    assert export.prepare_output_dir(plan) == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == [export.CONFIG_NAME]
+    (tmp_path / export.REPORT_NAME).write_text("{}")
+    with pytest.raises(ValueError, match="has finished"):
+        export.check_output_dir(tmp_path, resume=True)
+
+
+def test_check_output_dir_writes_nothing_and_discard_removes_created_folders(tmp_path):
+    target = tmp_path / "a" / "b" / "out"
+    plan = export.check_output_dir(target)
+    assert not (tmp_path / "a").exists()
+    assert plan.created == tmp_path / "a" and not plan.existed
+    export.prepare_output_dir(plan)
+    export.write_config(config_from_dict({}), target / export.CONFIG_NAME)
+    export.discard_outputs(plan)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_output_dir_refusal_names_resume_only_where_it_exists(tmp_path):
+    (tmp_path / "x").write_text("")
+    with pytest.raises(OutputExistsError, match="--resume"):
+        export.check_output_dir(tmp_path)
+    with pytest.raises(OutputExistsError) as info:
+        export.check_output_dir(tmp_path, can_resume=False)
+    assert "--resume" not in str(info.value) and "--overwrite" in str(info.value)
+
+
+def test_check_output_dir_under_a_file_names_it(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match="is not a folder"):
+        export.check_output_dir(tmp_path / "file" / "out")
+
+
+def test_atomic_write_gives_umask_mode_and_names_the_target_on_failure(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    masks = {"a": torch.ones(2, 2, dtype=torch.bool)}
+    export.save_masks(masks, tmp_path / "masks.safetensors")
+    export.write_report({"a": 1}, tmp_path / "report.json")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("masks.safetensors", "report.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "save_file", full)
+    with pytest.raises(OSError, match="cannot write '.*masks.safetensors': No space left on device"):
+        export.save_masks(masks, tmp_path / "masks.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks.safetensors", "report.json"]
 
 
 def test_prepare_output_dir_rejects_a_file(tmp_path):

@@ -40,3 +40,15 @@ def test_check_layers_rejects_embedding_foreign_and_duplicate(transformer_proble
     with pytest.raises(ValueError, match="at least one"):
         check_layers(model, {})
     assert check_layers(model, {"q": model.q_proj}) == {"q": model.q_proj}
+
+
+def test_output_heads_by_name_or_the_last_linear_of_a_classifier(transformer_problem):
+    from icbs.layers import output_heads
+
+    model, _, _ = transformer_problem()
+    assert output_heads(model) == output_heads(model, last_linear=True) == {"lm_head"}
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert output_heads(mlp) == set()
+    assert output_heads(mlp, last_linear=True) == {"2"}
+    assert list(find_prunable(mlp, heads=output_heads(mlp, last_linear=True))) == ["0"]
+    assert list(find_prunable(mlp, include=["2"], heads={"2"})) == ["2"]

@@ -148,7 +148,10 @@ def test_classifier_adapter_loss_accuracy_and_save_reload(tmp_path):
     metrics = adapter.evaluate(model, [batch])
     assert metrics["accuracy"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
     assert metrics["loss"] == pytest.approx(float(losses.mean()), rel=1e-6)
-    assert list(adapter.prunable_layers(model)) == ["fc1", "fc2", "fc3"]
+    # fc3 produces the logits: it is the head, left dense unless named.
+    assert list(adapter.prunable_layers(model)) == ["fc1", "fc2"]
+    assert list(adapter.prunable_layers(model, include=["fc"])) == ["fc1", "fc2", "fc3"]
+    assert list(adapter.prunable_layers(model, exclude=["fc1"])) == ["fc2"]
     adapter.save(model, tmp_path)
     meta = json.loads((tmp_path / "icbs_model.json").read_text())
     assert meta["architecture"] == "mnist_mlp"
@@ -180,6 +183,23 @@ def test_load_model_errors_name_the_setting(tmp_path):
         load_model(ModelConfig(builtin="tiny_llama", kind="image_classifier"))
     with pytest.raises(ValueError, match="icbs_model.json"):
         load_model(ModelConfig(kind="classifier", path=str(tmp_path)))
+    with pytest.raises(ValueError, match="'model.path' '.*nowhere' does not exist"):
+        load_model(ModelConfig(kind="classifier", path=str(tmp_path / "nowhere")))
+
+
+def test_resolve_device_refuses_devices_that_are_not_here():
+    from icbs.models.base import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'model.device' is 'cuda:1' but no CUDA device is available"):
+            resolve_device("cuda:1")
+    else:
+        with pytest.raises(ValueError, match="CUDA devices exist"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="'model.device' is 'mps' but MPS is not available"):
+            resolve_device("mps")
 
 
 def test_tiny_llama_builtin_is_seeded_and_offline():
@@ -196,7 +216,7 @@ def test_mnist_mlp_builtin_is_trained_and_cached():
     from icbs.data import mnist_split
 
     loaded = load_model(ModelConfig(builtin="mnist_mlp"))
-    assert list(loaded.adapter.prunable_layers(loaded.model)) == ["fc1", "fc2", "fc3"]
+    assert list(loaded.adapter.prunable_layers(loaded.model)) == ["fc1", "fc2"]
     _, _, x_test, y_test = mnist_split()
     metrics = loaded.adapter.evaluate(loaded.model, [{"x": x_test, "y": y_test}])
     assert metrics["accuracy"] >= 0.92
