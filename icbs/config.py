@@ -316,14 +316,14 @@ class CalibrationConfig:
 
     def validate(self) -> None:
         _choice("calibration.source", self.source, DATA_SOURCES)
-        _positive("calibration.n_validation", self.n_validation, allow_zero=True)
-        if self.n_validation >= self.n_samples:
-            _fail("calibration.n_validation", f"< calibration.n_samples ({self.n_samples})", self.n_validation)
         if self.source in ("text", "npz") and self.path is None:
             _fail("calibration.path", f"set when calibration.source is {self.source!r}", None)
         if self.source == "hf_dataset" and self.hf_name is None:
             _fail("calibration.hf_name", "set when calibration.source is 'hf_dataset'", None)
         _positive("calibration.n_samples", self.n_samples)
+        _positive("calibration.n_validation", self.n_validation, allow_zero=True)
+        if self.n_validation >= self.n_samples:
+            _fail("calibration.n_validation", f"< calibration.n_samples ({self.n_samples})", self.n_validation)
         _positive("calibration.seq_len", self.seq_len)
         _positive("calibration.batch_size", self.batch_size)
         _fraction("calibration.split", self.split, open_low=True, open_high=True)

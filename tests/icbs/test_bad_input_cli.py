@@ -398,7 +398,6 @@ def test_sigterm_keeps_the_checkpoint_exits_130_and_resume_is_exact(terminated, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs driver checkpoint on KeyboardInterrupt", strict=False)
 def test_sigterm_checkpoint_holds_the_steps_done_before_the_signal(terminated):
     _folder, code, err, step = terminated
     assert code == 130, err[-2000:]
