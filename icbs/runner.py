@@ -36,7 +36,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BASELINE_METHODS = ("magnitude", "wanda", "sparsegpt", "random")
+BASELINE_METHODS = ("magnitude", "wanda", "sparsegpt", "random", "alps")
 _DENSITY_TOL = 1e-9
 
 
