@@ -51,7 +51,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BASELINE_METHODS = ("magnitude", "wanda", "sparsegpt", "random")
+BASELINE_METHODS = ("magnitude", "wanda", "sparsegpt", "random", "alps")
 
 
 @dataclasses.dataclass

@@ -1,9 +1,10 @@
 """One-shot pruning baselines behind one entry point, :func:`run_baseline`.
 
 ``magnitude``, ``wanda`` and ``random`` rank weights with icbs's own scoring code (the same masks icbs
-starts from); ``sparsegpt`` prunes layer by layer with OBS weight updates (:mod:`icbs.baselines.sparsegpt`).
-Every method keeps the pattern's exact counts and leaves the model pruned (zeros written, SparseGPT's
-updated weights in place).
+starts from); ``sparsegpt`` prunes layer by layer with OBS weight updates (:mod:`icbs.baselines.sparsegpt`);
+``alps`` layer by layer with ADMM on the layer reconstruction and a PCG re-fit of the kept weights
+(:mod:`icbs.baselines.alps`), through the same sequential driver. Every method keeps the pattern's exact
+counts and leaves the model pruned (zeros written; SparseGPT's and ALPS's updated weights in place).
 
 Example::
 
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from icbs.baselines.alps import run_alps
 from icbs.baselines.one_shot import DEFAULT_SCOPES, one_shot_masks
 from icbs.baselines.sparsegpt import run_sparsegpt, sparsegpt_prune_weight
 from icbs.config import SCORE_SCOPES
@@ -29,12 +31,13 @@ __all__ = ["run_baseline", "BASELINE_METHODS", "sparsegpt_prune_weight"]
 
 logger = logging.getLogger(__name__)
 
-BASELINE_METHODS = ("magnitude", "wanda", "random", "sparsegpt")
+BASELINE_METHODS = ("magnitude", "wanda", "random", "sparsegpt", "alps")
 _OPTIONS = {
     "magnitude": {"scope": None},
     "wanda": {"scope": None},
     "random": {"scope": None},
     "sparsegpt": {"block_size": 128, "damping_frac": 0.01},
+    "alps": {"damping_frac": 0.01, "admm_iters": 10, "pcg_iters": 5, "rho_init": 0.1},
 }
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
@@ -48,14 +51,19 @@ def _check_options(method: str, opts: Mapping[str, Any]) -> dict[str, Any]:
             f"unknown option {unknown[0]!r} for baseline {method!r}; valid options: {', '.join(allowed)}"
         )
     merged = {**allowed, **opts}
-    if method == "sparsegpt":
-        block_size = merged["block_size"]
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"'block_size' should be a positive int; got {block_size!r}")
+    for key in ("block_size", "admm_iters", "pcg_iters"):
+        value = merged.get(key)
+        if key in merged and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"'{key}' should be a positive int; got {value!r}")
+    if "damping_frac" in merged:
         damping = merged["damping_frac"]
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
             raise ValueError(f"'damping_frac' should be a non-negative number; got {damping!r}")
-    elif merged["scope"] is not None and merged["scope"] not in SCORE_SCOPES:
+    if "rho_init" in merged:
+        rho = merged["rho_init"]
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0 < rho < float("inf")):
+            raise ValueError(f"'rho_init' should be a positive number; got {rho!r}")
+    if "scope" in merged and merged["scope"] is not None and merged["scope"] not in SCORE_SCOPES:
         raise ValueError(f"'scope' should be one of {', '.join(SCORE_SCOPES)}; got {merged['scope']!r}")
     return merged
 
@@ -75,16 +83,19 @@ def run_baseline(
     """Prune ``layers`` of ``model`` with a one-shot baseline and return the keep-masks.
 
     Args:
-        method: ``"magnitude"``, ``"wanda"`` (per-output ranking), ``"random"`` or ``"sparsegpt"``.
-        model: the dense model; modified in place (pruned weights zeroed; SparseGPT also updates kept ones).
+        method: ``"magnitude"``, ``"wanda"`` (per-output ranking), ``"random"``, ``"sparsegpt"`` or ``"alps"``.
+        model: the dense model; modified in place (pruned weights zeroed; SparseGPT and ALPS also update kept
+            ones).
         layers: ``{name: nn.Linear}`` to prune, in model order.
-        calibration: calibration batches (used by ``wanda`` and ``sparsegpt``).
+        calibration: calibration batches (used by ``wanda``, ``sparsegpt`` and ``alps``).
         loss_fn: ``loss_fn(model, batch) -> (B,)``; baselines only use it to run forward passes.
         density: fraction of weights kept, in (0, 1) (ignored for N:M, where it is N/M).
         pattern: ``"unstructured"``, ``"per_output"`` or ``"N:M"`` such as ``"2:4"``.
         seed: seeds ``random``.
         **opts: ``scope`` (magnitude/wanda/random: ``per_layer``, ``per_output``, ``per_input``);
-            ``block_size`` (128) and ``damping_frac`` (0.01) for sparsegpt.
+            ``block_size`` (128) and ``damping_frac`` (0.01) for sparsegpt; ``damping_frac`` (0.01),
+            ``admm_iters`` (10), ``pcg_iters`` (5) and ``rho_init`` (0.1) for alps
+            (:func:`icbs.baselines.alps.alps_prune_weight`).
 
     Returns:
         ``{name: (n_out, n_in) bool}`` keep-masks (True = kept) with exactly the pattern's counts.
@@ -109,6 +120,12 @@ def run_baseline(
         masks = run_sparsegpt(
             model, layers, calibration, loss_fn, mask_pattern,
             block_size=options["block_size"], damping_frac=float(options["damping_frac"]),
+        )
+    elif method == "alps":
+        masks = run_alps(
+            model, layers, calibration, loss_fn, mask_pattern,
+            damping_frac=float(options["damping_frac"]), admm_iters=options["admm_iters"],
+            pcg_iters=options["pcg_iters"], rho_init=float(options["rho_init"]),
         )
     else:
         masks = one_shot_masks(

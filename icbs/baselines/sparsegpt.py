@@ -9,9 +9,9 @@ the upper Cholesky factor of :math:`H^{-1}` (the sequential OBS update); blocks 
 accumulated error to the remaining columns in one matrix product. Damping adds
 ``damping_frac * mean(diag H)`` to the diagonal.
 
-:func:`sparsegpt_prune_weight` is the numeric kernel; :func:`run_sparsegpt` drives a whole model layer by
-layer so that every layer's Hessian comes from inputs that went through the already-pruned earlier
-layers: repeated blocks (transformer layers in an ``nn.ModuleList``) are processed one at a time on
+:func:`sparsegpt_prune_weight` is the numeric kernel. :func:`run_sequential` drives a whole model layer by
+layer with any such kernel (a :data:`WeightPruner`; SparseGPT here, ALPS in :mod:`icbs.baselines.alps`), so
+that every layer's Hessian comes from inputs that went through the already-pruned earlier layers: repeated blocks (transformer layers in an ``nn.ModuleList``) are processed one at a time on
 cached hidden states, their linears in call-order groups (q,k,v -> o -> gate,up -> down), with the
 inputs re-captured between groups; models without such blocks re-run the calibration forward per group.
 Counts are exact: unstructured keeps ``round_half_up(d * size)`` per layer, ``per_output`` that many per
@@ -20,8 +20,10 @@ row, N:M exactly N in every M consecutive inputs of a row.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,11 +33,41 @@ from icbs.exceptions import PruningError
 from icbs.moments import accumulate_second_moments
 from icbs.state import MaskPattern
 
-__all__ = ["sparsegpt_prune_weight", "run_sparsegpt", "inverse_hessian_factor"]
+__all__ = [
+    "sparsegpt_prune_weight",
+    "run_sparsegpt",
+    "run_sequential",
+    "inverse_hessian_factor",
+    "single_thread_on_cpu",
+    "WeightPruner",
+]
 
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
+
+WeightPruner = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""A per-layer kernel: ``(weight (n_out, n_in), hessian (n_in, n_in)) -> (new_weight float32, keep_mask bool)``.
+
+``hessian`` is ``2 X X^T / N`` of the layer's inputs; pruned entries of ``new_weight`` are exactly 0."""
+
+
+@contextlib.contextmanager
+def single_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """Run the body with one torch thread when ``device`` is the CPU (no change elsewhere).
+
+    Layer kernels are long chains of mid-sized ops; on a CPU one thread runs them many times faster
+    than several (no fork/join per op, no spin-waiting when the machine is busy).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def inverse_hessian_factor(hessian: Tensor, damping_frac: float) -> Tensor:
@@ -107,16 +139,8 @@ def sparsegpt_prune_weight(
         raise ValueError(
             f"'block_size' ({block_size}) and n_in ({n_in}) should be multiples of M={pattern.m} for pattern {pattern}"
         )
-    if weight.device.type != "cpu":
+    with single_thread_on_cpu(weight.device):
         return _prune_weight(weight, hessian, pattern, block_size, damping_frac)
-    # The column loop is thousands of tiny ops; on the CPU one thread runs them many times faster
-    # than several (no fork/join per op, no spin-waiting when the machine is busy).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _prune_weight(weight, hessian, pattern, block_size, damping_frac)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _prune_weight(
@@ -234,7 +258,7 @@ def _call_groups(run: Callable[[], Any], layers: Mapping[str, nn.Module]) -> lis
             group_inputs.append(x)
     for name in layers:
         if name not in seen:
-            logger.warning("SparseGPT: layer %s is not used by the forward pass; it is pruned by magnitude", name)
+            logger.warning("layer %s is not used by the forward pass; it is pruned with an identity Hessian", name)
             groups.append([name])
     return groups
 
@@ -283,7 +307,7 @@ def _capture_block_inputs(
         for handle in handles:
             handle.remove()
     if any(len(c) != len(calibration) for c in captured):
-        raise PruningError("SparseGPT: the model's blocks were not each called once per calibration batch")
+        raise PruningError("the model's blocks were not each called once per calibration batch; sequential pruning needs that")
     return captured
 
 
@@ -301,17 +325,13 @@ def _prune_group(
     names: Sequence[str],
     layers: Mapping[str, nn.Module],
     hessians: Mapping[str, Tensor],
-    pattern: MaskPattern,
-    block_size: int,
-    damping_frac: float,
+    prune: WeightPruner,
     masks: dict[str, Tensor],
     originals: dict[str, Tensor],
 ) -> None:
     for name in names:
         module = layers[name]
-        new_weight, keep = sparsegpt_prune_weight(
-            module.weight, hessians[name], pattern, block_size=block_size, damping_frac=damping_frac
-        )
+        new_weight, keep = prune(module.weight, hessians[name])
         originals.setdefault(name, module.weight.detach().to("cpu", copy=True))
         with torch.no_grad():
             module.weight.copy_(new_weight.to(module.weight.dtype))
@@ -328,7 +348,7 @@ def run_sparsegpt(
     block_size: int = 128,
     damping_frac: float = 0.01,
 ) -> dict[str, Tensor]:
-    """Prune every layer with SparseGPT, sequentially, feeding pruned outputs forward.
+    """Prune every layer with SparseGPT, sequentially, feeding pruned outputs forward (:func:`run_sequential`).
 
     Args:
         model: the model (modified in place: masks and weight updates applied).
@@ -346,8 +366,41 @@ def run_sparsegpt(
         ValueError: no calibration batches.
         PruningError: numerical failure (weights of the layers already pruned are restored first).
     """
+    prune = functools.partial(sparsegpt_prune_weight, pattern=pattern, block_size=block_size, damping_frac=damping_frac)
+    return run_sequential(model, layers, calibration, loss_fn, prune, method="sparsegpt")
+
+
+def run_sequential(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    calibration: Sequence[dict[str, Tensor]],
+    loss_fn: LossFn,
+    prune: WeightPruner,
+    *,
+    method: str,
+) -> dict[str, Tensor]:
+    """Prune every layer with the kernel ``prune``, sequentially, feeding pruned outputs forward.
+
+    Each group of layers that share an input is pruned from the Hessian of inputs that went through the
+    already-pruned earlier layers; its new weights are written before the next group's inputs are captured.
+
+    Args:
+        model: the model (modified in place: masks and weight updates applied).
+        layers: ``{name: nn.Linear}`` to prune, in model order.
+        calibration: batches run through ``loss_fn`` (no grad) to capture inputs.
+        loss_fn: ``loss_fn(model, batch) -> (B,)``.
+        prune: the per-layer kernel.
+        method: the method's name, for messages (``"sparsegpt"``, ``"alps"``).
+
+    Returns:
+        ``{name: (n_out, n_in) bool}`` keep-masks.
+
+    Raises:
+        ValueError: no calibration batches.
+        PruningError: numerical failure (weights of the layers already pruned are restored first).
+    """
     if len(calibration) == 0:
-        raise ValueError("'calibration' should hold at least one batch for sparsegpt; got none")
+        raise ValueError(f"'calibration' should hold at least one batch for {method}; got none")
     masks: dict[str, Tensor] = {}
     originals: dict[str, Tensor] = {}
     was_training = model.training
@@ -355,7 +408,7 @@ def run_sparsegpt(
     try:
         found = _block_list(model, layers)
         if found is None:
-            _run_model_groups(model, layers, calibration, loss_fn, pattern, block_size, damping_frac, masks, originals)
+            _model_groups(model, layers, calibration, loss_fn, prune, masks, originals, method)
         else:
             # Layers outside the blocks (an included head, an input projection) run whole-model groups,
             # before or after the blocks according to their place in the model's module order.
@@ -366,12 +419,12 @@ def run_sparsegpt(
             before = {n: layers[n] for n in names[: inside[0]] if not n.startswith(prefixes)}
             after = {n: layers[n] for n in names[inside[0] :] if not n.startswith(prefixes)}
             block_layers = {names[i]: layers[names[i]] for i in inside}
-            args = (calibration, loss_fn, pattern, block_size, damping_frac, masks, originals)
+            args = (calibration, loss_fn, prune, masks, originals, method)
             if before:
-                _run_model_groups(model, before, *args)
+                _model_groups(model, before, *args)
             _run_blocks(model, found, block_layers, *args)
             if after:
-                _run_model_groups(model, after, *args)
+                _model_groups(model, after, *args)
     except BaseException:
         with torch.no_grad():
             for name, weight in originals.items():
@@ -393,6 +446,21 @@ def _run_model_groups(
     masks: dict[str, Tensor],
     originals: dict[str, Tensor],
 ) -> None:
+    """SparseGPT on the whole-model path only (:func:`_model_groups`), whatever blocks the model has."""
+    prune = functools.partial(sparsegpt_prune_weight, pattern=pattern, block_size=block_size, damping_frac=damping_frac)
+    _model_groups(model, layers, calibration, loss_fn, prune, masks, originals, "sparsegpt")
+
+
+def _model_groups(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    calibration: Sequence[dict[str, Tensor]],
+    loss_fn: LossFn,
+    prune: WeightPruner,
+    masks: dict[str, Tensor],
+    originals: dict[str, Tensor],
+    method: str,
+) -> None:
     """No repeated blocks: one full calibration forward per group of layers sharing an input."""
 
     def run_all() -> None:
@@ -403,8 +471,8 @@ def _run_model_groups(
     for names in groups:
         subset = {name: layers[name] for name in names}
         hessians = _hessians(run_all, subset)
-        _prune_group(names, layers, hessians, pattern, block_size, damping_frac, masks, originals)
-        logger.debug("SparseGPT: pruned %s", ", ".join(names))
+        _prune_group(names, layers, hessians, prune, masks, originals)
+        logger.debug("%s: pruned %s", method, ", ".join(names))
 
 
 def _run_blocks(
@@ -413,11 +481,10 @@ def _run_blocks(
     layers: Mapping[str, nn.Module],
     calibration: Sequence[dict[str, Tensor]],
     loss_fn: LossFn,
-    pattern: MaskPattern,
-    block_size: int,
-    damping_frac: float,
+    prune: WeightPruner,
     masks: dict[str, Tensor],
     originals: dict[str, Tensor],
+    method: str,
 ) -> None:
     """Transformer blocks one at a time on cached hidden states (each block's own kwargs, e.g. masks)."""
     list_name, blocks = found
@@ -436,8 +503,8 @@ def _run_blocks(
             groups = _call_groups(lambda: block(*first_args, **first_kwargs), block_layers)
             for names in groups:
                 hessians = _hessians(run_all, {name: block_layers[name] for name in names})
-                _prune_group(names, layers, hessians, pattern, block_size, damping_frac, masks, originals)
+                _prune_group(names, layers, hessians, prune, masks, originals)
         with torch.no_grad():
             outputs = run_all()
         hidden = [out[0] if isinstance(out, (tuple, list)) else out for out in outputs]
-        logger.info("SparseGPT: block %d/%d done (%d layers)", index + 1, len(blocks), len(block_layers))
+        logger.info("%s: block %d/%d done (%d layers)", method, index + 1, len(blocks), len(block_layers))
