@@ -112,3 +112,19 @@ def test_config_validation_check_needs_a_validation_split():
         load_config(None, overrides=["bcd.check=validation"])
     with pytest.raises(ConfigError, match="'calibration.n_validation'"):
         load_config(None, overrides=["calibration.n_samples=8", "calibration.n_validation=8"])
+
+
+@pytest.mark.parametrize("init", ["sparsegpt", "alps"])
+def test_bcd_refitting_init_starts_from_its_refitted_weights(mlp_problem, make_config, init):
+    """A refitting init hands the driver its mask and its re-fitted kept weights (the value-if-kept)."""
+    losses = {}
+    for method in ("magnitude", init):
+        model, calib, loss_fn = mlp_problem(n_samples=64, hidden=16, n_in=8)
+        dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+        cfg = make_config(scoring={"init_method": method}, blocks={"block_size": 8, "k": 4}, bcd={"max_steps": 0})
+        result = icbs.prune(model, cfg, calib, loss_fn)
+        losses[method] = result.report.init_loss
+        kept = result.masks["fc1"]
+        moved = model.fc1.weight.detach()[kept] != dense["fc1.weight"][kept]
+        assert bool(moved.any()) == (method == init)
+    assert losses[init] < losses["magnitude"]
