@@ -6,14 +6,15 @@ best-improvement swap descent from the current mask already ends at the best ene
 strong coupling (dense random ``Q``, low-rank Hessians of synthetic problems) have many local minima, where
 the population anneal of :mod:`solvers.anneal` is worth its cost. ``auto`` tells the two apart per block:
 
-1. swap descent (:func:`solvers.local_search.swap_descent`) from the warm start, or from the separable
-   optimum (the cheapest diagonal entries of every group) when there is none;
+1. swap descent (:func:`solvers.local_search.swap_descent`) from the better of the warm start and the
+   separable optimum (the cheapest diagonal entries of every group): on a near-separable block the latter
+   is a few moves from the descent's end, the warm start a few hundred;
 2. a separability score ``s`` of the answer ``x*`` (:func:`separability`), which proves ``x*`` optimal when
    ``s >= 1``;
 3. otherwise, when the block's coupling ratio (:func:`coupling_ratio`: how far the other weights of the
    block can move one weight's cost, relative to that cost) is above ``max_coupling``, the anneal (its own
-   settings under ``anneal``) runs, warm-started from ``x*`` when the call had a warm start, and the better
-   of the two answers is returned.
+   settings under ``anneal``) runs on the call as it would alone, and the better of the two answers is
+   returned.
 
 The ratio is a property of ``Q`` alone and does not grow with ``n`` for a fixed per-entry coupling; it is
 near 0.1 on real SmolLM2 Fisher blocks and above 5 on the synthetic and random problems where the descent
@@ -159,7 +160,9 @@ class AutoSolver(Solver):
     def _solve(self, problem, initial_state, seed, time_limit_s):
         start = time.perf_counter()
         layout = group_layout(problem)
-        first = separable_start(problem) if initial_state is None else initial_state
+        first = separable_start(problem)
+        if initial_state is not None and problem.energy(initial_state) <= problem.energy(first):
+            first = initial_state
         x, moves = swap_descent(problem, first, layout=layout)
         score = separability(problem, x, layout)
         ratio = coupling_ratio(problem.Q)
@@ -168,11 +171,10 @@ class AutoSolver(Solver):
         if score >= 1.0 or ratio <= self.params["max_coupling"]:
             return x, info
         left = None if time_limit_s is None else max(time_limit_s - (time.perf_counter() - start), 1e-3)
-        # Warm start: the descent's answer (the driver's mask, improved). Without one the anneal starts from
-        # random states on its hot schedule, as it would alone: a local minimum of a strongly coupled
-        # problem is a poor basin to refine.
-        warm = None if initial_state is None else x
-        annealed = self.annealer.solve(problem, initial_state=warm, seed=seed, time_limit_s=left)
+        # The anneal gets the call exactly as it would alone (same warm start and seed), so on these blocks
+        # auto is never worse than the anneal: refining the descent's local minimum instead ended clearly
+        # higher on strongly coupled blocks (a deep, narrow basin).
+        annealed = self.annealer.solve(problem, initial_state=initial_state, seed=seed, time_limit_s=left)
         info.update(annealed=True, anneal={key: value for key, value in annealed.info.items() if key != "solver"})
         if annealed.energy < problem.energy(x):
             x = annealed.x
