@@ -32,7 +32,7 @@ except ImportError as _exc:  # pragma: no cover - numba is a hard dependency of 
         "the compiled solvers need numba; install it with 'pip install numba'"
     ) from _exc
 
-__all__ = ["GroupLayout", "SwapDescentSolver", "group_layout", "repair", "swap_descent"]
+__all__ = ["GroupLayout", "SwapDescentSolver", "group_layout", "largest_coupling", "repair", "swap_descent"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,14 +176,23 @@ def _swap_descent_kernel(Q, x, F, group_of, members, start, size, max_iters, tol
 
 
 @numba.njit(cache=True)
-def _coupling(Q):  # pragma: no cover - compiled
-    # The largest positive off-diagonal entry of Q (0 if none): swap costs are bounded with it.
+def _largest_off_diagonal(Q, absolute):  # pragma: no cover - compiled
     largest = 0.0
     for i in range(Q.shape[0]):
         for j in range(Q.shape[1]):
-            if i != j and Q[i, j] > largest:
-                largest = Q[i, j]
+            value = abs(Q[i, j]) if absolute else Q[i, j]
+            if i != j and value > largest:
+                largest = value
     return largest
+
+
+def largest_coupling(Q: np.ndarray, *, absolute: bool = False) -> float:
+    """The largest off-diagonal entry of ``Q`` (of ``|Q|`` with ``absolute``), or 0 if none is positive.
+
+    Swap costs ``r_i + a_j - 2 Q_ij`` are bounded below with it (the descent's pruning, and the
+    separability score of :mod:`solvers.auto`).
+    """
+    return float(_largest_off_diagonal(np.ascontiguousarray(Q, dtype=np.float64), bool(absolute)))
 
 
 def _tolerance(Q: np.ndarray) -> float:
@@ -215,7 +224,7 @@ def swap_descent(
     field = Q @ state.astype(np.float64)
     moves = _swap_descent_kernel(
         Q, state, field, layout.group_of, layout.members, layout.start, layout.size,
-        int(max_iters), _tolerance(Q), _coupling(Q),
+        int(max_iters), _tolerance(Q), largest_coupling(Q),
     )
     return state, int(moves)
 
