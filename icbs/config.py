@@ -453,7 +453,7 @@ class DerivativesConfig:
 class SolverConfig:
     """The block solver by registry name and its settings: ``{name: anneal, params: {num_restarts: 8}}``."""
 
-    name: str = "anneal"
+    name: str = "auto"
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -5,9 +5,9 @@ icbs. Typical use::
 
     from solvers import CardinalityQP, get_solver
     qp = CardinalityQP(Q, [(range(n), k)])
-    solution = get_solver("anneal").solve(qp, seed=0)
+    solution = get_solver("auto").solve(qp, seed=0)
 
-Registered solvers: ``anneal``, ``neal``, ``dimod``, ``cpsat``, ``exhaustive``, ``obs``,
+Registered solvers: ``auto`` (the default of icbs), ``anneal``, ``neal``, ``dimod``, ``cpsat``, ``exhaustive``, ``obs``,
 ``iobs``, ``swap-descent``; see :func:`available_solvers`.
 """
 

@@ -1,4 +1,4 @@
-"""Cardinality-preserving simulated annealing (registry name ``anneal``), the workhorse solver.
+"""Cardinality-preserving simulated annealing (registry name ``anneal``), for strongly coupled blocks.
 
 Every state is feasible: a move swaps a selected and an unselected variable inside one group, or
 flips a free variable (energy changes as in :mod:`solvers.local_search`). The local field
@@ -10,29 +10,25 @@ the run invariant to rescaling ``Q`` (the same effect as rescaling to unit mean 
 
 Focused proposals (setting ``focus_window``). A swap ``i -> j`` costs ``r_i + a_j - 2 Q_ij`` with
 ``r_i`` the cost of removing ``i`` alone and ``a_j`` that of adding ``j``. On block-like problems
-the coupling term is small at the temperatures that matter (within a few kT for the accepted
-moves), so a swap can only be accepted when ``r_i`` and ``a_j`` are both near their group's
-minimum. Late in a plain run fewer than 1 % of uniform proposals are accepted: the moves that are
-involve about a quarter of the selected and a few percent of the unselected variables. Four times
-per sweep the run therefore keeps as candidates the selected ``i`` with
-``beta (r_i + min a) <= focus_window`` and the unselected ``j`` with
+the coupling term is small at the temperatures that matter, so a swap can only be accepted when
+``r_i`` and ``a_j`` are both near their group's minimum, and late in a plain run almost every
+uniform proposal is rejected. Four times per sweep the run therefore keeps as candidates the
+selected ``i`` with ``beta (r_i + min a) <= focus_window`` and the unselected ``j`` with
 ``beta (a_j + min r) <= focus_window``, and draws pairs among those only; every proposal still
-gets the exact Metropolis test. Hot, every variable is a candidate, so this is plain annealing.
-Measured on ten block-like n = 1024 problems (four seeds each, against the best energy found by
-long runs): the focused default (96 runs x 80 sweeps, about 0.6 s) ends 0.038 % above on average
-and within 0.1 % on 38 of 40 runs; plain proposals with four times the sweeps end 0.140 % above
-(9 of 40), in 0.8 s. The default is 28 % more proposals than the earlier 48 x 125 (0.055 %,
-25 of 30); batching the compiled calls paid for most of it (48 x 125 went from 0.53 to 0.46 s).
+gets the exact Metropolis test, so this changes which moves are tried, not which are accepted.
+Hot, every variable is a candidate, so this is plain annealing.
 
 The restarts run as a population: the schedule is cut into ``population_steps`` segments and after
 each one the worst quarter of the runs continue from copies of the best (truncation selection,
-the idea of population annealing), each with its own random stream. On the same problems, for the
-same number of proposals, this cut the gap of "best of 32 independent runs" to the best energy
-then known about three times (0.17 % to 0.05 % on average). ``population_steps=1`` gives
-independent restarts. With a warm start the schedule's temperature is first picked by a short
-pilot (setting ``warm_heats``). The best state seen is polished with a swap descent. The kernel is
-compiled with numba (``cache=True``); the first call in a fresh environment pays the compile time
-once.
+the idea of population annealing), each with its own random stream, so the search effort goes to
+the most promising basins. ``population_steps=1`` gives independent restarts. With a warm start
+the schedule's temperature is first picked by a short pilot (setting ``warm_heats``), because the
+scale measured around the warm start is too cold for small blocks and too hot for large ones. The
+best state seen is polished with a swap descent. The kernel is compiled with numba
+(``cache=True``); the first call in a fresh environment pays the compile time once.
+
+The settings' defaults and the design choices above were measured on block-like problems; the
+figures are in docs/BENCHMARKS.md ("Anneal design measurements").
 """
 
 from __future__ import annotations
@@ -63,9 +59,8 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 # The largest value _exponential can return (U >= 2**-53): a move with beta * dE above it is
 # rejected without drawing, which is exact and skips most draws on a cold schedule.
 _MAX_EXPONENTIAL = 53.0 * math.log(2.0)
-# Share of the population replaced at each selection. Measured on ten block-like n = 1024
-# problems (two seeds each, 32 runs x 750 sweeps, 60 steps): replacing a quarter gave a mean gap
-# of 0.053 % to the best energy known, replacing half 0.077 %, independent runs 0.172 %.
+# Share of the population replaced at each selection (a quarter beat a half and independent runs;
+# docs/BENCHMARKS.md, "Anneal design measurements").
 _REPLACED_FRACTION = 0.25
 # Runs per heat in the warm-schedule pilot (AnnealSolver setting ``warm_heats``).
 _PILOT_RUNS = 2
@@ -444,9 +439,9 @@ class AnnealSolver(Solver):
     :func:`beta_range`. With it, ``num_restarts - random_restarts`` runs start from
     ``initial_state`` on a cold schedule (they refine its basin; a hot start would throw the warm
     start away) and ``random_restarts`` start from random states. The default is no random
-    starts with a warm start: on block-like n = 1024 problems a random-start run of the same
-    length ends 2-3 % above the warm runs and takes three times as long (far more accepted moves
-    while hot). The runs form a population (see the module docstring).
+    starts with a warm start: from the current mask, random-start runs of the same length end
+    higher and take longer (far more accepted moves while hot). The runs form a population (see
+    the module docstring).
 
     Settings:
         num_sweeps: sweeps per run (one sweep = as many proposals as movable variables, in
@@ -461,25 +456,20 @@ class AnnealSolver(Solver):
         warm_beta_range: the same for the warm-start runs (``None``: from the scale around
             ``initial_state``).
         warm_heats: temperature multipliers tried for the warm schedule when
-            ``warm_beta_range`` is ``None``: a pilot of two short runs per value picks the one
-            whose runs end lowest, and the population uses it. The scale around the warm start
-            suits n = 1024 Fisher blocks (heat 1) but is far too cold for n <= 512, where heat
-            10-30 ends 1-6 % lower, and too hot above: heat 0.3 ends 0.49 % lower at n = 4096
-            (at n = 2048 the two are within 0.1 % with the default population). ``None``
-            (default): 1, 10 and 30, and also 0.3 above 1536 movable variables (at n = 1024 the
-            short pilot sometimes prefers 0.3 wrongly; with 0.3 offered there the mean gap rose
-            from 0.055 % to 0.073 %). Each value costs the pilot two runs of a quarter of the
-            schedule, about 0.5 % of the default population's proposals.
+            ``warm_beta_range`` is ``None``: a pilot of two short runs (a quarter of the schedule)
+            per value picks the one whose runs end lowest, and the population uses it. The scale
+            around the warm start suits n = 1024 Fisher blocks (heat 1), is too cold for small
+            blocks and too hot for large ones. ``None`` (default): 1, 10 and 30, and also 0.3
+            above 1536 movable variables (offering 0.3 at n = 1024 lets the short pilot pick it
+            wrongly).
         focus_window: draw swaps only among candidates within this many kT of their group's
             cheapest move (module docstring); ``None``: uniform pairs (plain annealing). Smaller
-            is greedier; at 32 x 190 sweeps on the problems above, 4 ended 0.01 % and 9 0.03 % higher
-            than 6 on average.
+            is greedier.
         patience: stop the population once this share of its segments in a row has not
             lowered the best energy (``None``: always run the whole schedule); ``stopped_after``
-            in the info says which share of the schedule ran. On block-like n = 1024 problems
-            the best energy keeps dropping until late, so 0.25 never stops them (same answers
-            as ``None`` on the ten benchmark instances). On six real SmolLM2 blocks, which a swap
-            descent already solves, it stopped four at 30-47 % of the schedule.
+            in the info says which share of the schedule ran. Blocks whose best energy keeps
+            dropping until late run the whole schedule; near-separable ones, which a swap
+            descent solves, stop early.
         num_workers: threads running the population (the kernel releases the GIL); ``None``: one
             per CPU. Results do not depend on it.
         time_limit_s: wall-time cap (``None``: none); the best state so far is returned when it

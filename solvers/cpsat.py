@@ -21,6 +21,11 @@ from solvers.base import Solver, check_positive_int
 from solvers.exceptions import InfeasibleProblemError, SolverUnavailableError
 from solvers.local_search import repair
 
+try:
+    from ortools.sat.python import cp_model
+except ImportError:  # reported when a CpSatSolver is built, so only users of 'cpsat' need OR-Tools
+    cp_model = None
+
 __all__ = ["CpSatSolver"]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +53,11 @@ class CpSatSolver(Solver):
     parameters = {"time_limit_s": None, "num_workers": 2, "precision_bits": 30, "log_search": False}
     properties = {"exact": True, "native_cardinality": True, "max_variables": None, "needs_block": False}
 
+    def __init__(self, **params: Any) -> None:
+        if cp_model is None:
+            raise SolverUnavailableError("solver 'cpsat' needs OR-Tools; install it with 'pip install ortools'")
+        super().__init__(**params)
+
     def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         params = super()._check_params(params)
         check_positive_int("num_workers", params["num_workers"])
@@ -57,10 +67,6 @@ class CpSatSolver(Solver):
         return params
 
     def _solve(self, problem, initial_state, seed, time_limit_s):
-        try:
-            from ortools.sat.python import cp_model
-        except ImportError as exc:
-            raise SolverUnavailableError("solver 'cpsat' needs OR-Tools; pip install ortools") from exc
         n = problem.n
         Q = problem.Q
         linear = np.diag(Q).copy()

@@ -32,7 +32,7 @@ except ImportError as _exc:  # pragma: no cover - numba is a hard dependency of 
         "the compiled solvers need numba; install it with 'pip install numba'"
     ) from _exc
 
-__all__ = ["GroupLayout", "SwapDescentSolver", "group_layout", "repair", "swap_descent"]
+__all__ = ["GroupLayout", "SwapDescentSolver", "group_layout", "largest_coupling", "repair", "swap_descent"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,42 +77,91 @@ def group_layout(problem: CardinalityQP) -> GroupLayout:
 
 
 @numba.njit(cache=True)
-def _swap_descent_kernel(Q, x, F, group_of, members, start, size, max_iters, tol):  # pragma: no cover
+def _best_swap(Q, x, F, members, lo, hi, coupling, best, key, sel, r, uns, a):  # pragma: no cover - compiled
+    # The best swap of the group at members[lo:hi] that beats ``best``: with r_i = Q_ii - 2 F_i (remove i)
+    # and a_j = Q_jj + 2 F_j (add j), a swap costs r_i + a_j - 2 Q_ij >= r_i + a_j - 2 * coupling, so
+    # scanning i and j in increasing r and a stops as soon as that bound passes ``best``. On near-separable
+    # blocks (coupling << spread of r and a) only a few pairs are scored instead of k (|G| - k). Ties go
+    # to the smallest (group, position of i, position of j), the order of an unsorted scan.
+    # ``key`` holds (group, a, b, i, j) of the best move so far; -1 in key[3] means none, key[4] = -1 a flip.
+    ns = 0
+    nu = 0
+    for pos in range(lo, hi):
+        v = members[pos]
+        if x[v] == 1:
+            sel[ns] = pos
+            r[ns] = Q[v, v] - 2.0 * F[v]
+            ns += 1
+        else:
+            uns[nu] = pos
+            a[nu] = 2.0 * F[v] + Q[v, v]
+            nu += 1
+    if ns == 0 or nu == 0:
+        return best
+    order_r = np.argsort(r[:ns])
+    order_a = np.argsort(a[:nu])
+    a_min = a[order_a[0]]
+    group = key[0] if key[3] >= 0 else -1
+    for p in range(ns):
+        r_i = r[order_r[p]]
+        bound = r_i + a_min - 2.0 * coupling
+        if bound - best > 1e-12 * (abs(r_i) + abs(a_min) + 2.0 * coupling + abs(best)):
+            break
+        pos_i = sel[order_r[p]]
+        i = members[pos_i]
+        base = Q[i, i] - 2.0 * F[i]
+        for q in range(nu):
+            a_j = a[order_a[q]]
+            bound = r_i + a_j - 2.0 * coupling
+            if bound - best > 1e-12 * (abs(r_i) + abs(a_j) + 2.0 * coupling + abs(best)):
+                break
+            pos_j = uns[order_a[q]]
+            j = members[pos_j]
+            delta = base + 2.0 * F[j] + Q[j, j] - 2.0 * Q[i, j]
+            better = delta < best
+            if not better and delta == best and key[3] >= 0 and key[4] >= 0 and group == lo:
+                better = pos_i < key[1] or (pos_i == key[1] and pos_j < key[2])
+            if better:
+                best = delta
+                key[0] = lo
+                key[1] = pos_i
+                key[2] = pos_j
+                key[3] = i
+                key[4] = j
+                group = lo
+    return best
+
+
+@numba.njit(cache=True)
+def _swap_descent_kernel(Q, x, F, group_of, members, start, size, max_iters, tol, coupling):  # pragma: no cover
     n = x.shape[0]
     n_groups = start.shape[0]
+    largest = 1
+    for g in range(n_groups):
+        largest = max(largest, size[g])
+    sel = np.empty(largest, dtype=np.int64)
+    uns = np.empty(largest, dtype=np.int64)
+    r = np.empty(largest)
+    a = np.empty(largest)
+    key = np.empty(5, dtype=np.int64)
     moves = 0
     for _ in range(max_iters):
         best = -tol
-        best_i = -1
-        best_j = -1
+        key[3] = -1
         for i in range(n):
             if group_of[i] < 0:
                 s = 1.0 - 2.0 * x[i]
                 delta = 2.0 * s * F[i] + Q[i, i]
                 if delta < best:
                     best = delta
-                    best_i = i
-                    best_j = -1
+                    key[3] = i
+                    key[4] = -1
         for g in range(n_groups):
-            lo = start[g]
-            hi = lo + size[g]
-            for a in range(lo, hi):
-                i = members[a]
-                if x[i] != 1:
-                    continue
-                base = Q[i, i] - 2.0 * F[i]
-                for b in range(lo, hi):
-                    j = members[b]
-                    if x[j] != 0:
-                        continue
-                    delta = base + 2.0 * F[j] + Q[j, j] - 2.0 * Q[i, j]
-                    if delta < best:
-                        best = delta
-                        best_i = i
-                        best_j = j
-        if best_i < 0:
+            best = _best_swap(Q, x, F, members, start[g], start[g] + size[g], coupling, best, key, sel, r, uns, a)
+        if key[3] < 0:
             break
         moves += 1
+        best_i, best_j = key[3], key[4]
         if best_j < 0:
             s = 1.0 - 2.0 * x[best_i]
             x[best_i] = 1 - x[best_i]
@@ -124,6 +173,26 @@ def _swap_descent_kernel(Q, x, F, group_of, members, start, size, max_iters, tol
             for t in range(n):
                 F[t] += Q[best_j, t] - Q[best_i, t]
     return moves
+
+
+@numba.njit(cache=True)
+def _largest_off_diagonal(Q, absolute):  # pragma: no cover - compiled
+    largest = 0.0
+    for i in range(Q.shape[0]):
+        for j in range(Q.shape[1]):
+            value = abs(Q[i, j]) if absolute else Q[i, j]
+            if i != j and value > largest:
+                largest = value
+    return largest
+
+
+def largest_coupling(Q: np.ndarray, *, absolute: bool = False) -> float:
+    """The largest off-diagonal entry of ``Q`` (of ``|Q|`` with ``absolute``), or 0 if none is positive.
+
+    Swap costs ``r_i + a_j - 2 Q_ij`` are bounded below with it (the descent's pruning, and the
+    separability score of :mod:`solvers.auto`).
+    """
+    return float(_largest_off_diagonal(np.ascontiguousarray(Q, dtype=np.float64), bool(absolute)))
 
 
 def _tolerance(Q: np.ndarray) -> float:
@@ -155,7 +224,7 @@ def swap_descent(
     field = Q @ state.astype(np.float64)
     moves = _swap_descent_kernel(
         Q, state, field, layout.group_of, layout.members, layout.start, layout.size,
-        int(max_iters), _tolerance(Q),
+        int(max_iters), _tolerance(Q), largest_coupling(Q),
     )
     return state, int(moves)
 

@@ -20,6 +20,11 @@ from solvers.exceptions import SolverUnavailableError
 from solvers.local_search import group_layout, repair, swap_descent
 from solvers.problems import CardinalityQP
 
+try:
+    import neal
+except ImportError:  # reported when a NealSolver is built, so only users of 'neal' need dwave-neal
+    neal = None
+
 __all__ = ["DimodSolver", "NealSolver", "PenaltySamplerSolver", "load_sampler"]
 
 logger = logging.getLogger(__name__)
@@ -50,17 +55,22 @@ def load_sampler(path: str, init_params: dict[str, Any] | None = None) -> Any:
 class PenaltySamplerSolver(Solver):
     """Common path: penalty BQM -> dimod sampler -> repair every read -> polish the best.
 
-    Subclasses provide :meth:`_sampler` and :meth:`_sample_kwargs`.
+    Subclasses provide :meth:`_make_sampler` (called once, at construction, so a missing backend fails
+    before any problem is built) and :meth:`_sample_kwargs`.
     """
 
     properties = {"exact": False, "native_cardinality": False, "max_variables": None, "needs_block": False}
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.sampler = self._make_sampler()
 
     def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         params = super()._check_params(params)
         check_positive_float("penalty", params["penalty"], allow_none=True)
         return params
 
-    def _sampler(self) -> Any:
+    def _make_sampler(self) -> Any:
         raise NotImplementedError
 
     def _sample_kwargs(self, seed: int, initial_state: np.ndarray | None) -> dict[str, Any]:
@@ -73,7 +83,7 @@ class PenaltySamplerSolver(Solver):
         penalty = self.params["penalty"]
         penalty = scaled.default_penalty() if penalty is None else penalty / scale
         bqm = scaled.to_bqm(penalty)
-        sampleset = self._sampler().sample(bqm, **self._sample_kwargs(seed, initial_state))
+        sampleset = self.sampler.sample(bqm, **self._sample_kwargs(seed, initial_state))
         order = [list(sampleset.variables).index(i) for i in range(problem.n)]
         reads = np.asarray(sampleset.record.sample)[:, order].astype(np.int8)
         layout = group_layout(problem)
@@ -120,11 +130,9 @@ class NealSolver(PenaltySamplerSolver):
         check_positive_int("num_sweeps", params["num_sweeps"])
         return params
 
-    def _sampler(self) -> Any:
-        try:
-            import neal
-        except ImportError as exc:
-            raise SolverUnavailableError("solver 'neal' needs dwave-neal; pip install dwave-neal") from exc
+    def _make_sampler(self) -> Any:
+        if neal is None:
+            raise SolverUnavailableError("solver 'neal' needs dwave-neal; install it with 'pip install dwave-neal'")
         return neal.SimulatedAnnealingSampler()
 
     def _sample_kwargs(self, seed, initial_state):
@@ -171,12 +179,12 @@ class DimodSolver(PenaltySamplerSolver):
                 raise ValueError(f"'{key}' should be a dict or None; got {params[key]!r}")
         return params
 
-    def _sampler(self) -> Any:
+    def _make_sampler(self) -> Any:
         return load_sampler(self.params["sampler"], self.params["sampler_init"])
 
     def _sample_kwargs(self, seed, initial_state):
         kwargs = dict(self.params["sample_params"] or {})
-        sampler_parameters = getattr(self._sampler(), "parameters", {})
+        sampler_parameters = getattr(self.sampler, "parameters", {})
         if "seed" in sampler_parameters and "seed" not in kwargs:
             kwargs["seed"] = seed
         return kwargs

@@ -17,6 +17,7 @@ from solvers.base import Solver
 __all__ = ["available_solvers", "get_solver", "get_solver_class", "register", "solver_from_config", "unregister"]
 
 _BUILTIN: dict[str, str] = {
+    "auto": "solvers.auto:AutoSolver",
     "anneal": "solvers.anneal:AnnealSolver",
     "neal": "solvers.neal:NealSolver",
     "dimod": "solvers.neal:DimodSolver",

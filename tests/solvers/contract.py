@@ -15,6 +15,7 @@ __all__ = ["CONTRACT_PARAMS", "contract_problem", "make_solver"]
 # Settings that keep the suite fast; each solver's defaults are exercised elsewhere.
 CONTRACT_PARAMS: dict[str, dict] = {
     "anneal": {"num_sweeps": 200},
+    "auto": {"anneal": {"num_sweeps": 200}},
     "neal": {"num_reads": 4, "num_sweeps": 200},
     "dimod": {"sampler": "dwave.samplers.TabuSampler", "sample_params": {"timeout": 20}},
     "cpsat": {"time_limit_s": 10.0},

@@ -11,7 +11,7 @@ import pytest
 import solvers
 from solvers import Solver, available_solvers, get_solver, register, solver_from_config
 
-BUILTIN = ["anneal", "neal", "dimod", "cpsat", "exhaustive", "obs", "iobs", "swap-descent"]
+BUILTIN = ["auto", "anneal", "neal", "dimod", "cpsat", "exhaustive", "obs", "iobs", "swap-descent"]
 
 
 def test_registry_lists_builtin_solvers():
@@ -53,6 +53,9 @@ def test_registry_from_config_both_layouts():
         ("exhaustive", {"max_variables": 0}, "'max_variables' should be a positive int; got 0"),
         ("iobs", {"variant": "best"}, "'variant' should be 'practical' or 'optimal'; got 'best'"),
         ("dimod", {"sampler": "TabuSampler"}, "'sampler' should be a dotted import path"),
+        ("auto", {"max_coupling": -1}, "'max_coupling' should be a number >= 0 \\(or inf\\); got -1"),
+        ("auto", {"anneal": 3}, "'anneal' should be a dict of anneal settings or None; got 3"),
+        ("auto", {"anneal": {"num_sweeps": 0}}, "'num_sweeps' should be a positive int; got 0"),
     ],
 )
 def test_registry_bad_parameter_values_raise(name, params, message):
