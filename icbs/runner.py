@@ -33,9 +33,10 @@ from icbs.evaluation import check_lm_eval_tasks, run_lm_eval
 from icbs.executors import check_ray_address
 from icbs.initialise import REFITTING_INITS
 from icbs.models import model_kind
-from icbs.records import EvalRecord, RunReport, StepRecord
 from icbs.models.base import resolve_device
+from icbs.records import EvalRecord, RunReport, StepRecord
 from icbs.state import MaskPattern, PruningState
+from solvers.composites import RecordingComposite
 
 __all__ = [
     "RunOutcome",
@@ -573,33 +574,6 @@ def _baseline(method: str, prep: _Prepared, path: Path, started: float) -> RunOu
     return RunOutcome(path, report["metric"], dense, None, final, report["density"]["achieved"], report)
 
 
-class _RecordingSolver(solvers.Solver):
-    """Delegate to ``child`` and keep each (problem, warm start, answer) it sees, up to ``limit`` of them.
-
-    A plain instance handed to :func:`icbs.prune` as ``solver=``: nothing is registered, and the records and
-    statistics carry the child's name.
-    """
-
-    name = "record"
-    parameters: dict[str, Any] = {}
-
-    def __init__(self, child: solvers.Solver, sink: list[dict[str, Any]], limit: int) -> None:
-        super().__init__()
-        self.name = child.name
-        self.properties = dict(child.properties)
-        self.child, self.sink, self.limit = child, sink, limit
-
-    def _solve(self, problem: Any, initial_state: Any, seed: int, time_limit_s: float | None) -> Any:
-        solution = self.child.solve(problem, initial_state=initial_state, seed=seed, time_limit_s=time_limit_s)
-        if len(self.sink) < self.limit:
-            self.sink.append({"problem": problem, "x_cur": initial_state, "x": solution.x,
-                              "energy": solution.energy, "info": dict(solution.info)})
-        return solution.x, dict(solution.info)
-
-    def close(self) -> None:
-        self.child.close()
-
-
 def run_export_blocks(
     cfg: IcbsConfig,
     *,
@@ -641,7 +615,12 @@ def run_export_blocks(
 def _export_blocks(prep: _Prepared, path: Path, n_blocks: int) -> list[Path]:
     cfg, loaded = prep.cfg, prep.loaded
     captured: list[dict[str, Any]] = []
-    recorder = _RecordingSolver(solvers.get_solver(cfg.solver.name, **dict(cfg.solver.params)), captured, n_blocks)
+    def keep(call: int, problem: Any, x_cur: Any, solution: Any) -> None:
+        if call < n_blocks:
+            captured.append({"problem": problem, "x_cur": x_cur, "x": solution.x, "energy": solution.energy,
+                             "info": dict(solution.info)})
+
+    recorder = RecordingComposite(solvers.get_solver(cfg.solver.name, **dict(cfg.solver.params)), keep)
     short = cfg.replace(bcd=dataclasses.replace(cfg.bcd, max_steps=n_blocks, checkpoint_every_s=None))
     result = icbs.prune(loaded.model, short, prep.calibration, loaded.adapter.per_sample_loss, layers=prep.layers,
                         solver=recorder)
