@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from icbs.baselines.alps import pcg_refit
 from icbs.exceptions import PruningError
 from icbs.state import PruningState
 
@@ -63,48 +64,6 @@ def refit_state(state: PruningState, covariances: Mapping[str, Tensor], damping:
     state.apply()
 
 
-def _masked_pcg(H: Tensor, target: Tensor, keep: Tensor, start: Tensor, lam: float, max_iters: int,
-                rtol: float) -> Tensor:
-    """Solve ``(H_SS + lam I) w_S = target_S`` for every row at once, ``w = 0`` off ``S`` (Jacobi-preconditioned CG).
-
-    Args:
-        H: ``(n, n)`` symmetric positive semi-definite, float64.
-        target: ``(R, n)`` right-hand sides (``(H w0_r)`` per row).
-        keep: ``(R, n)`` bool support ``S`` of each row.
-        start: ``(R, n)`` warm start (its values off ``S`` are ignored).
-        lam: ridge ``λ >= 0``.
-        max_iters: iteration cap.
-        rtol: stop when every row's residual is below ``rtol`` times its right-hand side.
-    """
-    M = keep.to(H.dtype)
-    b = target * M
-    precondition = M / (torch.diagonal(H) + lam).clamp_min(1e-300)
-
-    def apply(v: Tensor) -> Tensor:
-        return (v @ H) * M + lam * v
-
-    x = start * M
-    r = b - apply(x)
-    z = r * precondition
-    p = z.clone()
-    rz = (r * z).sum(dim=1)
-    goal = rtol * b.norm(dim=1)
-    for _ in range(max_iters):
-        if bool((r.norm(dim=1) <= goal).all()):
-            break
-        Ap = apply(p)
-        curvature = (p * Ap).sum(dim=1)
-        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(1e-300), torch.zeros_like(rz))
-        x = x + alpha[:, None] * p
-        r = r - alpha[:, None] * Ap
-        z = r * precondition
-        rz_new = (r * z).sum(dim=1)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
-        p = z + beta[:, None] * p
-        rz = rz_new
-    return x
-
-
 @dataclasses.dataclass
 class RowRefit:
     """The values of some rows of a layer before a refit (what :meth:`Refitter.undo` writes back)."""
@@ -117,9 +76,10 @@ class RowRefit:
 class Refitter:
     """Re-fit the kept weights of the rows a round's moves touched (DESIGN.md §9), warm-started CG.
 
-    After each round's accepted moves, every touched row ``r`` of a layer gets the least-squares values of
-    the module docstring on its new kept set; the weights the row prunes keep their dense value as their
-    value-if-kept. Later blocks then see current values, and the round check compares true losses after
+    After each round's accepted moves, every touched row ``r`` of a layer gets, on its new kept set ``S``,
+    the minimiser of ``(w - w0_r) (C + λI) (w - w0_r)^T`` (damping pulls towards the dense weights), solved
+    by ALPS's batched preconditioned CG (:func:`icbs.baselines.alps.pcg_refit`) from the current values; the
+    weights the row prunes keep their dense value as their value-if-kept. Later blocks then see current values, and the round check compares true losses after
     the refit. Masks never move here, so every pattern (N:M included) is respected.
 
     Args:
@@ -146,7 +106,9 @@ class Refitter:
         old = layer.values[rows].clone()
         w0 = layer.w0[rows].double()
         keep = layer.keep_mask[rows]
-        fitted = _masked_pcg(C, w0 @ C, keep, layer.values[rows].double(), lam, self.max_iters, self.rtol)
+        damped = C + lam * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        fitted = pcg_refit(w0, damped, keep, start=layer.values[rows].double(), max_iters=self.max_iters,
+                           rel_tol=self.rtol)
         if not bool(torch.isfinite(fitted).all()):
             raise PruningError(f"the refit of layer {name!r} gave non-finite weights; increase bcd.refit_damping")
         layer.values[rows] = torch.where(keep, fitted, w0).to(layer.w0.dtype)

@@ -44,11 +44,21 @@ def test_refit_rows_equal_numpy_least_squares(seed):
         np.testing.assert_array_equal(state["fc"].values[r].numpy()[~support], W0[r][~support])
 
 
-def test_refit_rows_match_the_end_refit_with_damping():
+def test_refit_rows_with_damping_solve_the_damped_system():
     state, layer, x = _layer_state(7)
     covariance = x.T @ x / x.shape[0]
-    expected = reconstruct_weights(state["fc"].w0, state["fc"].keep_mask, covariance, damping=0.05)
+    lam = 0.05 * float(torch.diagonal(covariance).mean())
+    w0 = state["fc"].w0.clone()
     Refitter({"fc": covariance}, damping=0.05, max_iters=200, rtol=1e-13).refit_rows(state, "fc", torch.arange(5))
+    damped = (covariance + lam * torch.eye(12, dtype=torch.float64)).numpy()
+    for r in range(5):
+        s = state["fc"].keep_mask[r].numpy()
+        expected = np.linalg.solve(damped[np.ix_(s, s)], (damped @ w0[r].numpy())[s])
+        np.testing.assert_allclose(layer.weight.detach()[r].numpy()[s], expected, rtol=1e-8, atol=1e-10)
+    # Without damping the refit equals the end refit's least squares.
+    state, layer, x = _layer_state(7)
+    expected = reconstruct_weights(state["fc"].w0, state["fc"].keep_mask, covariance, damping=0.0)
+    Refitter({"fc": covariance}, damping=0.0, max_iters=200, rtol=1e-13).refit_rows(state, "fc", torch.arange(5))
     torch.testing.assert_close(layer.weight.detach(), expected, rtol=1e-8, atol=1e-10)
 
 
