@@ -348,94 +348,110 @@ class _PerSample:
     methods: dict[str, str]  # per layer
 
 
+def _hooked_pass(
+    model: nn.Module, linear: list[_Block], batch: dict[str, Tensor], loss_fn: LossFn, device: torch.device,
+    result: _PerSample,
+) -> tuple[dict[str, list[tuple[Tensor, Tensor]]], tuple[Tensor | None, ...], Tensor]:
+    """The forward + backward of the linear blocks: each call's inputs and output gradient, and the losses."""
+    n_samples = batch_size(batch)
+    t_start = time.perf_counter()
+    captured: dict[str, list[tuple[Tensor, Tensor]]] = {b.name: [] for b in linear}
+    handles = []
+    flags = [b.module.weight.requires_grad for b in linear]
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
+            inputs = args[0] if args else kwargs["input"]
+            # A sharded model (device_map) may hand a layer inputs from another device; its output is
+            # on the layer's own device, where the gathering happens.
+            captured[name].append((inputs.detach().to(output.device), output))
+
+        return hook
+
+    # Only the blocked weights require grad during the pass: no graph (and no saved activation) is built
+    # before the earliest blocked layer, so memory is the model plus the activations from there on.
+    blocked = {id(b.module.weight) for b in linear}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in blocked]
+    try:
+        for param in frozen:
+            param.requires_grad_(False)
+        for block in linear:
+            # The weight must require grad so the layer output joins the graph; autograd.grad below
+            # asks only for output gradients, so no weight gradient is ever computed.
+            block.module.weight.requires_grad_(True)
+            handles.append(block.module.register_forward_hook(make_hook(block.name), with_kwargs=True))
+        with torch.enable_grad():
+            losses = _check_losses(loss_fn(model, batch), n_samples)
+            _sync(device)
+            t_forward = time.perf_counter()
+            result.timings["forward"] = t_forward - t_start
+            outputs = [out for b in linear for _, out in captured[b.name]]
+            # Gradient of the SUM of per-sample losses: the output gradient of sample s is that of
+            # its own loss, since samples do not interact in the forward.
+            if losses.requires_grad:
+                grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+            else:  # no blocked layer reaches the loss: every output gradient is zero
+                grads = tuple(None for _ in outputs)
+        _sync(device)
+        result.timings["backward"] = time.perf_counter() - t_forward
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
+        for handle in handles:
+            handle.remove()
+        for block, flag in zip(linear, flags):
+            block.module.weight.requires_grad_(flag)
+    return captured, grads, losses
+
+
+def _gather_hooked(
+    linear: list[_Block], captured: dict[str, list[tuple[Tensor, Tensor]]], grads: tuple[Tensor | None, ...],
+    n_samples: int, device: torch.device, result: _PerSample,
+) -> None:
+    """Per-sample gradients of each linear block from its calls' inputs and output gradients (choosing it first)."""
+    position = 0
+    for block in linear:
+        t0 = time.perf_counter()
+        calls = []
+        for inputs, out in captured[block.name]:
+            grad_out = grads[position]
+            position += 1
+            calls.append((inputs, torch.zeros_like(out) if grad_out is None else grad_out))
+        if block.choose is not None:
+            # The same pass serves block selection: the layer's mean gradient is sum_t gout^T x / B.
+            acc = accumulation_dtype(block.module.weight.dtype)
+            mean_grad = sum(
+                gout.reshape(-1, gout.shape[-1]).to(acc).T @ x.reshape(-1, x.shape[-1]).to(acc)
+                for x, gout in calls
+            ) / n_samples
+            if not bool(torch.isfinite(mean_grad).all()):
+                raise NonFiniteDerivativeError(
+                    f"the gradient of layer {block.name!r} holds NaN/Inf; check loss_fn and the calibration data"
+                )
+            _set_index(block, block.choose(mean_grad))
+            if block.idx.numel() == 0:
+                result.methods[block.name] = "empty"
+                result.gather[block.name] = time.perf_counter() - t0
+                continue
+        result.grads[block.name] = _gather_linear(calls, block, n_samples)
+        _sync(device)
+        result.gather[block.name] = time.perf_counter() - t0
+        result.methods[block.name] = "hooks"
+
+
 def _per_sample(
     model: nn.Module, blocks: list[_Block], batch: dict[str, Tensor], loss_fn: LossFn, device: torch.device
 ) -> _PerSample:
     """One batched forward + backward; per-sample gradients of every block's entries."""
     n_samples = batch_size(batch)
-    t_start = time.perf_counter()
     linear = [b for b in blocks if isinstance(b.module, nn.Linear)]
     generic = [b for b in blocks if not isinstance(b.module, nn.Linear)]
     result = _PerSample(grads={}, losses=torch.empty(0), timings={"forward": 0.0, "backward": 0.0}, gather={}, methods={})
     losses: Tensor | None = None
-
     if linear:
-        captured: dict[str, list[tuple[Tensor, Tensor]]] = {b.name: [] for b in linear}
-        handles = []
-        flags = [b.module.weight.requires_grad for b in linear]
-
-        def make_hook(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
-                inputs = args[0] if args else kwargs["input"]
-                # A sharded model (device_map) may hand a layer inputs from another device; its output is
-                # on the layer's own device, where the gathering happens.
-                captured[name].append((inputs.detach().to(output.device), output))
-
-            return hook
-
-        # Only the blocked weights require grad during the pass: no graph (and no saved activation) is built
-        # before the earliest blocked layer, so memory is the model plus the activations from there on.
-        blocked = {id(b.module.weight) for b in linear}
-        frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in blocked]
-        try:
-            for param in frozen:
-                param.requires_grad_(False)
-            for block in linear:
-                # The weight must require grad so the layer output joins the graph; autograd.grad below
-                # asks only for output gradients, so no weight gradient is ever computed.
-                block.module.weight.requires_grad_(True)
-                handles.append(block.module.register_forward_hook(make_hook(block.name), with_kwargs=True))
-            with torch.enable_grad():
-                losses = _check_losses(loss_fn(model, batch), n_samples)
-                _sync(device)
-                t_forward = time.perf_counter()
-                result.timings["forward"] = t_forward - t_start
-                outputs = [out for b in linear for _, out in captured[b.name]]
-                # Gradient of the SUM of per-sample losses: the output gradient of sample s is that of
-                # its own loss, since samples do not interact in the forward.
-                if losses.requires_grad:
-                    grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
-                else:  # no blocked layer reaches the loss: every output gradient is zero
-                    grads = tuple(None for _ in outputs)
-            _sync(device)
-            result.timings["backward"] = time.perf_counter() - t_forward
-        finally:
-            for param in frozen:
-                param.requires_grad_(True)
-            for handle in handles:
-                handle.remove()
-            for block, flag in zip(linear, flags):
-                block.module.weight.requires_grad_(flag)
-        position = 0
-        for block in linear:
-            t0 = time.perf_counter()
-            calls = []
-            for inputs, out in captured[block.name]:
-                grad_out = grads[position]
-                position += 1
-                calls.append((inputs, torch.zeros_like(out) if grad_out is None else grad_out))
-            if block.choose is not None:
-                # The same pass serves block selection: the layer's mean gradient is sum_t gout^T x / B.
-                acc = accumulation_dtype(block.module.weight.dtype)
-                mean_grad = sum(
-                    gout.reshape(-1, gout.shape[-1]).to(acc).T @ x.reshape(-1, x.shape[-1]).to(acc)
-                    for x, gout in calls
-                ) / n_samples
-                if not bool(torch.isfinite(mean_grad).all()):
-                    raise NonFiniteDerivativeError(
-                        f"the gradient of layer {block.name!r} holds NaN/Inf; check loss_fn and the calibration data"
-                    )
-                _set_index(block, block.choose(mean_grad))
-                if block.idx.numel() == 0:
-                    result.methods[block.name] = "empty"
-                    result.gather[block.name] = time.perf_counter() - t0
-                    continue
-            result.grads[block.name] = _gather_linear(calls, block, n_samples)
-            _sync(device)
-            result.gather[block.name] = time.perf_counter() - t0
-            result.methods[block.name] = "hooks"
-        del captured, outputs, grads
-
+        captured, grads, losses = _hooked_pass(model, linear, batch, loss_fn, device, result)
+        _gather_hooked(linear, captured, grads, n_samples, device, result)
+        del captured, grads
     if generic:
         t0 = time.perf_counter()
         generic_grads, generic_losses, method = _per_sample_generic(model, generic, batch, loss_fn, n_samples)
