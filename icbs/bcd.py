@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 import solvers
@@ -35,17 +34,11 @@ from icbs import checkpoint as ckpt
 from icbs.config import IcbsConfig
 from icbs.executors import Executor, make_executor
 from icbs.initialise import DenseStatistics, dense_statistics, initialise_masks
+from icbs.models.base import model_device
 from icbs.moves import Move, apply_answer, build_job, solve_jobs, undo_moves
 from icbs.pool import SamplePool, calibration_loss, check_calibration
 from icbs.preflight import check_arguments, pruning_state, resolve_solver
-from icbs.records import (
-    EvalRecord,
-    PruneResult,
-    RunHooks,
-    RunLog,
-    SolverStats,
-    StepRecord,
-)
+from icbs.records import EvalRecord, PruneResult, RunHooks, RunLog, SolverStats, StepRecord
 from icbs.refit import Refitter, RowRefit, refit_state
 from icbs.round_check import RoundCheck
 from icbs.schedule import Clock, Cursor, layer_schedule, stop_reason
@@ -58,10 +51,6 @@ logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 Record = StepRecord | EvalRecord
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 class _Driver:
@@ -351,7 +340,7 @@ def prune(
     chosen = {name: state[name].module for name in state}
     solver = resolve_solver(config, solver)
     saved = ckpt.load_checkpoint(path) if resume and path is not None else None
-    pool = SamplePool(batches, _model_device(model), config.bcd.seed, config.derivatives.n_samples,
+    pool = SamplePool(batches, model_device(model), config.bcd.seed, config.derivatives.n_samples,
                       config.calibration.n_validation)
     driver = _Driver(model, config, pool, loss_fn, chosen, state, solver, hooks)
     return driver.execute(saved)
