@@ -120,7 +120,7 @@ def test_solver_answer_breaking_a_constraint(mlp_problem, make_config, snapshot,
 
 def test_error_raised_mid_run_restores_dense_weights(mlp_problem, make_config, snapshot, assert_unchanged):
     def explode(record):
-        if record["step"] == 3:
+        if record.step == 3:
             raise RuntimeError("callback failed")
 
     model, calib, loss_fn = mlp_problem()
