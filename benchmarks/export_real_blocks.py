@@ -148,14 +148,14 @@ def _export_run(args: argparse.Namespace, run: _Run, loaded: Any, dense: dict, c
     recorder = RecordingComposite(solvers.get_solver(cfg.solver.name, **dict(cfg.solver.params)), writer)
     solved: list[dict[str, Any]] = []
 
-    def on_event(event: dict[str, Any]) -> None:
+    def on_event(event: Any) -> None:
         # Solver calls and non-skipped step records come in the same order (one record per solved block).
-        if event.get("event") != "step" or event.get("status") == "SKIPPED":
+        if event.event != "step" or event.status == "SKIPPED":
             return
-        solved.append(event)
+        solved.append(event.to_dict())
         for row in writer.rows:
             if row["call"] == len(solved) - 1:
-                row.update(layer=event.get("layer"), step=event.get("step"), accepted=event.get("accepted"))
+                row.update(layer=event.layer, step=event.step, accepted=event.accepted)
                 _write_index(args, rows + writer.rows)
 
     started = time.perf_counter()

@@ -5,8 +5,8 @@ MNIST-5k training split and reused unchanged by every repetition), a calibration
 ``--n-calib`` training images (``calibration.seed`` = seed), three one-shot inits (magnitude,
 Wanda, gradient ``|w g|``) and one icbs run of ``--budget`` seconds started from the init with the
 lowest calibration loss at that seed (the choice never looks at held-out images), with
-``bcd.reconstruct`` on (the kept weights are refitted by least squares at the end; ``--set
-bcd.reconstruct=false`` turns it off). The "init + refit" column applies the same refit to the init's
+``bcd.refit: end`` (the kept weights are refitted by least squares at the end; ``--set
+bcd.refit=none`` turns it off). The "init + refit" column applies the same refit to the init's
 mask alone, so the share of the mask search in icbs's gain is visible. Accuracy is on all 1000
 held-out images. ``bcd.seed`` = seed too, so the block schedule, the per-step samples and
 the solver's random choices change with the seed. Magnitude ignores the data, so its std is 0.
@@ -64,7 +64,7 @@ ICBS_SETTINGS: dict[str, Any] = {
     "blocks": {"block_size": 128, "k": 64, "tabu_frac": 0.4},
     "derivatives": {"estimator": "fisher", "n_samples": 256},
     "solver": {"name": "anneal", "params": {}},
-    "bcd": {"checkpoint_every_s": None, "reconstruct": True},
+    "bcd": {"checkpoint_every_s": None, "refit": "end"},
     "eval": {"every_s": None},
 }
 
@@ -100,7 +100,7 @@ def _gradient_init(loaded: Any, layers: Mapping[str, nn.Module], calibration: Se
 
 def _reconstructed(loaded: Any, dense_state: Mapping[str, Tensor], layers: Mapping[str, nn.Module],
                    masks: Mapping[str, Tensor], covariances: Mapping[str, Tensor], damping: float) -> None:
-    """Write ``masks`` with the kept weights refitted as ``bcd.reconstruct`` does (icbs.reconstruct_weights)."""
+    """Write ``masks`` with the kept weights refitted as ``bcd.refit: end`` does (icbs.reconstruct_weights)."""
     loaded.model.load_state_dict(dense_state)
     with torch.no_grad():
         for name, module in layers.items():
@@ -144,17 +144,17 @@ def run_one(loaded: Any, dense_state: Mapping[str, Tensor], density: float, seed
     row["icbs_init_method"] = init
     loaded.model.load_state_dict(dense_state)
     cfg = _icbs_config(density, seed, budget, n_calib, init, overrides)
-    if cfg.bcd.reconstruct:
+    if cfg.bcd.refit == "end":
         # The same least-squares refit icbs applies at the end, on the init's mask alone: how much of
         # icbs's gain is the refit and how much the mask search.
         covariances = collect_layer_inputs(loaded.model, layers, calibration, loaded.adapter.per_sample_loss)
-        _reconstructed(loaded, dense_state, layers, masks[init], covariances, cfg.bcd.reconstruct_damping)
+        _reconstructed(loaded, dense_state, layers, masks[init], covariances, cfg.bcd.refit_damping)
         row["init_recon"] = _evaluate(loaded, evaluation)
         loaded.model.load_state_dict(dense_state)
     start = time.perf_counter()
     result = icbs.prune(loaded.model, cfg, calibration, loaded.adapter.per_sample_loss, layers=layers,
                         evaluate=lambda model: {"accuracy": _evaluate(loaded, evaluation)})
-    report = result.report
+    report = result.report.to_dict()
     row["icbs_wall_s"] = time.perf_counter() - start
     row["icbs_init"] = report["init_metrics"]["accuracy"]
     row["icbs"] = report["final_metrics"]["accuracy"]

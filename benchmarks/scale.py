@@ -173,7 +173,7 @@ def measure(size: str, dtype: torch.dtype, device: str, *, budget_s: float | Non
         t0 = time.perf_counter()
         result = prune(model, cfg, windows, adapter.per_sample_loss, layers=layers)
         prune_s = time.perf_counter() - t0
-    report = result.report
+    report = result.report.to_dict()
     steps = int(report["steps"])
     timings = report["timings"]
     rounds = max(1, -(-steps // cfg.bcd.blocks_per_round))
