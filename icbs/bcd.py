@@ -41,7 +41,7 @@ from icbs.preflight import check_arguments, pruning_state, resolve_solver
 from icbs.records import EvalRecord, PruneResult, RunHooks, RunLog, SolverStats, StepRecord
 from icbs.refit import Refitter, RowRefit, refit_state
 from icbs.round_check import RoundCheck
-from icbs.schedule import Clock, Cursor, layer_schedule, stop_reason
+from icbs.schedule import Clock, Cursor, deferred_interrupts, layer_schedule, stop_reason
 from icbs.selection import BlockChooser
 from icbs.state import PruningState, mask_densities
 
@@ -105,30 +105,33 @@ class _Driver:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
-        """Rounds until a stop condition (see :func:`icbs.schedule.stop_reason`) or a pass without a move."""
+        """Rounds until a stop or a pass without a move; Ctrl-C/SIGTERM act between rounds (consistent checkpoints)."""
         bcd, cursor, log = self.cfg.bcd, self.log.cursor, self.log
         last_checkpoint = time.monotonic()
         schedule = layer_schedule(self.sizes, bcd.min_steps_per_layer, bcd.seed, cursor.epoch)
-        while True:
-            log.stop_reason = stop_reason(bcd, self.clock.elapsed(), cursor)
-            if log.stop_reason is not None:
-                break
-            if cursor.pos >= len(schedule):
-                if cursor.epoch_accepted == 0:
-                    log.stop_reason = "no_improvement"
+        with deferred_interrupts() as interrupted:
+            while True:
+                log.stop_reason = stop_reason(bcd, self.clock.elapsed(), cursor)
+                if log.stop_reason is not None:
                     break
-                cursor.start_epoch()
-                schedule = layer_schedule(self.sizes, bcd.min_steps_per_layer, bcd.seed, cursor.epoch)
-                continue
-            names = cursor.next_round(schedule, bcd.blocks_per_round, bcd.max_steps)
-            self.round(names)
-            cursor.pos += len(names)
-            if self.hooks.progress is not None:
-                self.hooks.progress(self.clock.elapsed(), bcd.time_budget, cursor.step)
-            if bcd.checkpoint_every_s is not None and time.monotonic() - last_checkpoint >= bcd.checkpoint_every_s:
-                self.save()
-                last_checkpoint = time.monotonic()
-            self.evaluate()
+                if cursor.pos >= len(schedule):
+                    if cursor.epoch_accepted == 0:
+                        log.stop_reason = "no_improvement"
+                        break
+                    cursor.start_epoch()
+                    schedule = layer_schedule(self.sizes, bcd.min_steps_per_layer, bcd.seed, cursor.epoch)
+                    continue
+                names = cursor.next_round(schedule, bcd.blocks_per_round, bcd.max_steps)
+                self.round(names)
+                cursor.pos += len(names)
+                if interrupted():
+                    raise KeyboardInterrupt
+                if self.hooks.progress is not None:
+                    self.hooks.progress(self.clock.elapsed(), bcd.time_budget, cursor.step)
+                if bcd.checkpoint_every_s is not None and time.monotonic() - last_checkpoint >= bcd.checkpoint_every_s:
+                    self.save()
+                    last_checkpoint = time.monotonic()
+                self.evaluate()
         logger.info("stopped (%s) after %d steps, %d accepted", log.stop_reason, cursor.step, cursor.n_accepted)
 
     def round(self, names: list[str]) -> None:

@@ -11,16 +11,19 @@ the time that counts against the budget (evaluations and checkpoint writes do no
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["Stream", "step_seed", "step_rng", "layer_schedule", "Cursor", "Clock", "stop_reason"]
+__all__ = ["Stream", "step_seed", "step_rng", "layer_schedule", "Cursor", "Clock", "stop_reason", "deferred_interrupts"]
 
 T = TypeVar("T")
 
@@ -148,3 +151,24 @@ def stop_reason(bcd: Any, elapsed_s: float, cursor: Cursor) -> str | None:
     if bcd.max_epochs is not None and cursor.epoch >= bcd.max_epochs:
         return "max_epochs"
     return None
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[Callable[[], bool]]:
+    """Hold Ctrl-C and SIGTERM until the caller asks: yields ``requested()``, true once one arrived.
+
+    A round changes masks, weights, tabu lists and counters together, so a checkpoint is consistent only
+    between rounds; the loop asks after each round and raises ``KeyboardInterrupt`` itself. Outside the
+    main thread (where no handler can be installed) nothing is deferred.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    caught: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum)) for sig in signals}
+    try:
+        yield lambda: bool(caught)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
