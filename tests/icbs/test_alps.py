@@ -35,7 +35,7 @@ def _brute_force_optimum(W: np.ndarray, H: np.ndarray, pattern: MaskPattern) -> 
     n_out, n_in = W.shape
     if pattern.kind == "nm":
         groups = [list(itertools.combinations(range(g, g + pattern.m), pattern.n)) for g in range(0, n_in, pattern.m)]
-        subsets = [sum(map(list, choice), []) for choice in itertools.product(*groups)]
+        subsets = [list(itertools.chain.from_iterable(choice)) for choice in itertools.product(*groups)]
         return sum(_row_best(W[r], H, subsets) for r in range(n_out))
     k = pattern.group_target((n_out, n_in))
     if pattern.kind == "per_output":
