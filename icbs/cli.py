@@ -4,7 +4,7 @@ Commands::
 
     icbs prune CONFIG [--set k=v ...] [--resume] [--overwrite] [--out DIR] [--debug]
     icbs evaluate CONFIG [--model-dir DIR]
-    icbs baseline {magnitude,wanda,sparsegpt,random} CONFIG [--out DIR] [--overwrite]
+    icbs baseline {magnitude,wanda,sparsegpt,random,alps} CONFIG [--out DIR] [--overwrite] [--no-progress]
     icbs export-blocks CONFIG --out DIR [--n-blocks N]
 
 Exit codes: 0 success, 2 bad config or input or a file that cannot be read or written (the message names
