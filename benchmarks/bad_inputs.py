@@ -243,6 +243,11 @@ def cases() -> list[Case]:
              {**llm_text, "empty.txt": "  \n"}),
         Case("window longer than the corpus", _set("calibration.source=text", "calibration.path=short.txt"),
              "'calibration.seq_len'", {**llm_text, "short.txt": "a few words only\n"}),
+        Case("more calibration windows than the text holds", _set("calibration.n_samples=100000"),
+             "'calibration.n_samples'", llm_text),
+        Case("singular X X^T under zero damping (sparsegpt init)",
+             _set("scoring.init_method=sparsegpt", "scoring.init_damping_frac=0", "calibration.n_samples=8",
+                  "calibration.batch_size=8", "derivatives.n_samples=8"), "'scoring.init_damping_frac'", _base()),
         Case("more samples per estimate than calibration samples", _set("derivatives.n_samples=512"),
              "'derivatives.n_samples'", _base()),
         # --- settings against the layers (need the model)

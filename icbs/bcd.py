@@ -177,6 +177,7 @@ class _Driver:
             record.elapsed_s = self.clock.elapsed()
             log.history.append(record)
             self._emit(record)
+        log.cursor.end_round(sum(int(record.accepted) for record in records))
 
     def _refit(self, moves: list[Move]) -> list[RowRefit]:
         """Refit the rows the round's moves touched (``bcd.refit: rounds``)."""

@@ -491,7 +491,9 @@ class BcdConfig:
     of the step batch's size drawn apart from the one the moves were fitted on (two forwards of
     that size); ``"batch"`` the fitting batch itself (one forward, but the check then favours moves
     that fit that batch's noise, and the calibration loss drifts up once true improvements get
-    small; docs/BENCHMARKS.md has the measurement).
+    small; docs/BENCHMARKS.md has the measurement). ``patience`` stops the run (reason ``"patience"``)
+    after that many rounds in a row kept no move: with ``check: validation`` that is the early stop on
+    the validation split, once its loss has stopped falling; ``null`` never stops for that.
     ``refit`` re-fits kept weights by damped least squares on each layer's reconstruction objective
     (DESIGN.md §9): ``"none"``, ``"end"`` (once, after the loop) or ``"rounds"`` (the rows each round's
     moves touched, before the round check, so later blocks see current values). ``workers`` solves that
@@ -505,6 +507,7 @@ class BcdConfig:
     min_steps_per_layer: int = 1
     blocks_per_round: int = 1
     check: str = "calibration"
+    patience: int | None = None
     workers: int = 1
     executor: str = "thread"
     ray_address: str | None = None
@@ -521,6 +524,7 @@ class BcdConfig:
         _positive("bcd.min_steps_per_layer", self.min_steps_per_layer, allow_zero=True)
         _positive("bcd.blocks_per_round", self.blocks_per_round)
         _choice("bcd.check", self.check, CHECK_MODES)
+        _positive("bcd.patience", self.patience, allow_none=True)
         _positive("bcd.workers", self.workers)
         _choice("bcd.executor", self.executor, EXECUTORS)
         _choice("bcd.refit", self.refit, REFIT_MODES)

@@ -149,7 +149,8 @@ def token_windows(
         starts are token positions in ``tokens``.
 
     Raises:
-        ValueError: too few tokens for one calibration or one evaluation window.
+        ValueError: a pool larger than the calibration text (``n_samples * seq_len`` tokens), or too few
+            tokens for one evaluation window.
     """
     n_tokens = int(tokens.numel())
     n_calib_tokens = int(calib.split * n_tokens)
@@ -157,6 +158,12 @@ def token_windows(
         raise ValueError(
             f"'calibration.seq_len' should be at most the {n_calib_tokens} calibration tokens "
             f"(calibration.split={calib.split} of {n_tokens}); got {calib.seq_len}"
+        )
+    if calib.n_samples * calib.seq_len > n_calib_tokens:
+        raise ValueError(
+            f"'calibration.n_samples' ({calib.n_samples} windows of {calib.seq_len} tokens) asks for more than the "
+            f"{n_calib_tokens} calibration tokens (calibration.split={calib.split} of {n_tokens}); at most "
+            f"{n_calib_tokens // calib.seq_len} windows fit"
         )
     generator = torch.Generator().manual_seed(int(calib.seed))
     calib_starts = torch.randint(0, n_calib_tokens - calib.seq_len + 1, (calib.n_samples,), generator=generator)

@@ -12,6 +12,7 @@ __all__ = [
     "PruningError",
     "NonFiniteDerivativeError",
     "InfeasibleSolutionError",
+    "StatisticsError",
     "OutputExistsError",
 ]
 
@@ -29,6 +30,14 @@ class PruningError(RuntimeError):
 
 class NonFiniteDerivativeError(PruningError):
     """A gradient or Hessian estimate holds NaN or Inf values."""
+
+
+class StatisticsError(PruningError, ValueError):
+    """A layer's input second moment X X^T is non-finite, or singular under the configured damping.
+
+    Also a ``ValueError``: the remedy is a setting (the message names the damping key, or ``model.dtype``),
+    so the CLI reports it as bad input (exit code 2).
+    """
 
 
 class InfeasibleSolutionError(PruningError):

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from icbs.baselines import run_baseline
 from icbs.config import IcbsConfig
 from icbs.derivatives import collect_layer_inputs
+from icbs.moments import check_finite_moment
 from icbs.pool import SamplePool
 from icbs.schedule import Stream, step_seed
 from icbs.scoring import collect_activation_norms, collect_gradients, init_masks
@@ -50,6 +51,9 @@ def dense_statistics(model: nn.Module, layers: Mapping[str, nn.Module], pool: Sa
         stats.act_norms = collect_activation_norms(model, layers, pool.device_batches(), loss_fn)
     if cfg.derivatives.estimator == "layerwise" or cfg.bcd.refit != "none":
         stats.layer_inputs = collect_layer_inputs(model, layers, pool.device_batches(), loss_fn)
+        key = "bcd.refit_damping" if cfg.bcd.refit != "none" else "derivatives.estimator"
+        for name, moment in stats.layer_inputs.items():
+            check_finite_moment(moment, name, key)
     return stats
 
 

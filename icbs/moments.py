@@ -21,12 +21,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SecondMoments", "accumulate_second_moments", "accumulation_dtype", "token_mask"]
+from icbs.exceptions import StatisticsError
+
+__all__ = ["SecondMoments", "accumulate_second_moments", "accumulation_dtype", "check_finite_moment", "token_mask"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 accumulation for any weight dtype, float64 for float64 weights (used by the exactness checks)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_finite_moment(moment: Tensor, layer: str, damping_key: str) -> None:
+    """Raise :class:`~icbs.exceptions.StatisticsError` naming ``layer`` when ``moment`` (X X^T) holds NaN or Inf.
+
+    No damping repairs that: the activations overflowed (a half-precision ``model.dtype``) or the data holds
+    non-finite inputs. ``damping_key`` is the setting the caller's solve reads, named so the user sees which
+    statistics failed.
+    """
+    if not bool(torch.isfinite(moment).all()):
+        raise StatisticsError(
+            f"the input second moment X X^T of layer {layer!r} has non-finite entries ({damping_key} cannot repair "
+            "it): the activations overflow (use model.dtype: float32) or the calibration data is not finite"
+        )
 
 
 def token_mask(attention_mask: Tensor | None, inputs: Tensor) -> Tensor | None:

@@ -150,8 +150,9 @@ class PruneSummary:
         epochs: passes started.
         accepted: moves kept.
         undone_rounds: rounds undone by the round check.
-        stop_reason: ``time_budget``, ``max_steps``, ``max_epochs``, ``no_improvement`` (a pass without an
-            improving move) or ``None`` when the run did not stop by itself.
+        stop_reason: ``time_budget``, ``max_steps``, ``max_epochs``, ``patience`` (``bcd.patience`` rounds
+            in a row kept no move), ``no_improvement`` (a pass without an improving move) or ``None`` when
+            the run did not stop by itself.
         elapsed_s: run time (evaluations and checkpoint writes excluded).
         timings: seconds per phase (:data:`TIMING_KEYS`).
         solver: :class:`SolverStats`.
@@ -266,7 +267,8 @@ class RunLog:
         """Inverse of :meth:`to_payload`; the statistics carry ``solver_name`` (the solver of the resumed run)."""
         stats = data.get("solver_stats", {})
         return cls(
-            cursor=Cursor(**{f.name: int(data[f.name]) for f in dataclasses.fields(Cursor)}),
+            # A checkpoint from before a counter existed resumes with the counter's default.
+            cursor=Cursor(**{f.name: int(data.get(f.name, f.default)) for f in dataclasses.fields(Cursor)}),
             solver=SolverStats(solver_name, int(stats.get("calls", 0)), float(stats.get("time_s", 0.0)),
                                dict(stats.get("status", {}))),
             history=[StepRecord.from_dict(row) for row in data["history"]],

@@ -86,6 +86,7 @@ class Cursor:
         epoch_accepted: moves accepted in the current pass (a pass with none ends the run).
         n_accepted: moves accepted and kept over the run.
         n_undone_rounds: rounds undone by the round check.
+        stale_rounds: rounds in a row that kept no move (``bcd.patience`` reads it).
     """
 
     step: int = 0
@@ -94,6 +95,7 @@ class Cursor:
     epoch_accepted: int = 0
     n_accepted: int = 0
     n_undone_rounds: int = 0
+    stale_rounds: int = 0
 
     def next_round(self, schedule: list[str], blocks_per_round: int, max_steps: int | None) -> list[str]:
         """The next layers of the pass, at most ``blocks_per_round`` distinct ones (and no more than ``max_steps`` allows)."""
@@ -116,6 +118,10 @@ class Cursor:
         """Add ``n`` accepted (and kept) moves."""
         self.n_accepted += n
         self.epoch_accepted += n
+
+    def end_round(self, kept: int) -> None:
+        """Count a round that kept ``kept`` moves (none: one more stale round; any: the count restarts)."""
+        self.stale_rounds = 0 if kept else self.stale_rounds + 1
 
 
 class Clock:
@@ -143,13 +149,15 @@ class Clock:
 
 
 def stop_reason(bcd: Any, elapsed_s: float, cursor: Cursor) -> str | None:
-    """``"time_budget"``, ``"max_steps"`` or ``"max_epochs"`` when the run must stop now, else ``None``."""
+    """``"time_budget"``, ``"max_steps"``, ``"max_epochs"`` or ``"patience"`` when the run must stop now, else ``None``."""
     if bcd.time_budget is not None and elapsed_s >= bcd.time_budget:
         return "time_budget"
     if bcd.max_steps is not None and cursor.step >= bcd.max_steps:
         return "max_steps"
     if bcd.max_epochs is not None and cursor.epoch >= bcd.max_epochs:
         return "max_epochs"
+    if bcd.patience is not None and cursor.stale_rounds >= bcd.patience:
+        return "patience"
     return None
 
 

@@ -55,7 +55,8 @@ import torch
 from torch import Tensor, nn
 
 from icbs.baselines.sparsegpt import run_sequential, single_thread_on_cpu
-from icbs.exceptions import PruningError
+from icbs.exceptions import PruningError, StatisticsError
+from icbs.moments import check_finite_moment
 from icbs.state import MaskPattern
 
 __all__ = ["alps_prune_weight", "run_alps", "pcg_refit", "project_to_pattern"]
@@ -180,8 +181,7 @@ def _prune_weight(
 ) -> tuple[Tensor, Tensor]:
     W = weight.detach().float()
     H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
-    if not bool(torch.isfinite(H).all()):
-        raise PruningError("ALPS: the layer's input second moment X X^T has non-finite entries; check the calibration data")
+    check_finite_moment(H, "weight", "scoring.init_damping_frac")
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     H.diagonal().add_(damping_frac * float(torch.diag(H).mean()))
@@ -206,7 +206,10 @@ def _admm_support(
         if inverse_rho != rho:
             chol, info = torch.linalg.cholesky_ex(H + rho * eye)
             if int(info) != 0:
-                raise PruningError("ALPS: the layer Hessian is not positive definite; increase 'damping_frac'")
+                raise StatisticsError(
+                    "ALPS: the layer Hessian + penalty is not positive definite; increase "
+                    "'scoring.init_damping_frac' (the damping_frac argument)"
+                )
             inverse, inverse_rho = torch.cholesky_inverse(chol), rho
         W_new = (target - V + rho * D) @ inverse
         shifted = W_new + V / rho

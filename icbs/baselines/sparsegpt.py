@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from icbs.exceptions import PruningError
-from icbs.moments import accumulate_second_moments
+from icbs.exceptions import PruningError, StatisticsError
+from icbs.moments import accumulate_second_moments, check_finite_moment
 from icbs.state import MaskPattern
 
 __all__ = [
@@ -98,10 +98,13 @@ def inverse_hessian_factor(hessian: Tensor, damping_frac: float) -> Tensor:
             new_damp = max(damp * 10.0, 1e-8)
             logger.warning(
                 "SparseGPT: Hessian + %.3g I is not positive definite; retrying with damping %.3g "
-                "(raise 'damping_frac' to avoid this)", damp, new_damp,
+                "(raise 'damping_frac', scoring.init_damping_frac, to avoid this)", damp, new_damp,
             )
             damp = new_damp
-    raise PruningError("SparseGPT: the layer Hessian is not positive definite; increase 'damping_frac'")
+    raise StatisticsError(
+        "SparseGPT: the layer Hessian 2 X X^T / N stays singular after damping; increase "
+        "'scoring.init_damping_frac' (the damping_frac argument)"
+    )
 
 
 def _split_counts(total: int, n_cols: int, start: int, stop: int) -> int:
@@ -149,6 +152,7 @@ def _prune_weight(
     n_out, n_in = weight.shape
     W = weight.detach().float().clone()
     H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
+    check_finite_moment(H, "weight", "scoring.init_damping_frac")
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     Hinv = inverse_hessian_factor(H, damping_frac)
@@ -331,7 +335,11 @@ def _prune_group(
 ) -> None:
     for name in names:
         module = layers[name]
-        new_weight, keep = prune(module.weight, hessians[name])
+        check_finite_moment(hessians[name], name, "scoring.init_damping_frac")
+        try:
+            new_weight, keep = prune(module.weight, hessians[name])
+        except StatisticsError as err:
+            raise StatisticsError(f"layer {name!r}: {err}") from err
         originals.setdefault(name, module.weight.detach().to("cpu", copy=True))
         with torch.no_grad():
             module.weight.copy_(new_weight.to(module.weight.dtype))

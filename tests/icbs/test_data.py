@@ -50,7 +50,7 @@ def test_token_windows_too_few_tokens_name_the_setting():
     with pytest.raises(ValueError, match="'calibration.seq_len'"):
         token_windows(tokens, CalibrationConfig(seq_len=256, split=0.5), EvalConfig(seq_len=16))
     with pytest.raises(ValueError, match="'eval.seq_len'"):
-        token_windows(tokens, CalibrationConfig(seq_len=16, split=0.5), EvalConfig(seq_len=256))
+        token_windows(tokens, CalibrationConfig(n_samples=4, seq_len=16, split=0.5), EvalConfig(seq_len=256))
 
 
 def test_build_data_pydoc_is_seeded_disjoint_and_batched(tiny_lm):
@@ -156,3 +156,11 @@ def test_build_data_mnist_calibration_from_train_eval_held_out():
     assert float(torch.cdist(calib_x, x_train, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.max()) < 1e-4  # every image is a training image
     again, _ = build_data(calib, EvalConfig(n_samples=200), mlp)
     assert torch.equal(torch.cat([b["x"] for b in again]), calib_x)
+
+
+def test_a_pool_larger_than_the_calibration_text_names_n_samples():
+    tokens = torch.arange(1000)  # 500 calibration tokens: at most 15 windows of 32
+    calib = CalibrationConfig(n_samples=15, seq_len=32, split=0.5)
+    assert token_windows(tokens, calib, EvalConfig(seq_len=16))[0].shape == (15, 32)
+    with pytest.raises(ValueError, match=r"'calibration.n_samples' \(16 windows of 32 tokens\).*at most 15 windows fit"):
+        token_windows(tokens, CalibrationConfig(n_samples=16, seq_len=32, split=0.5), EvalConfig(seq_len=16))

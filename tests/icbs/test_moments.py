@@ -92,3 +92,29 @@ def test_second_moments_of_an_uncalled_layer_raise_or_are_zero_when_allowed():
     assert torch.equal(moments.mean(allow_empty=True)["unused"], torch.zeros(4, 4))
     with pytest.raises(ValueError, match="'unused' was not called"):
         moments.mean()
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "alps"])
+def test_non_finite_second_moment_raises_a_bad_input_error_naming_the_key(method):
+    from icbs.baselines.alps import alps_prune_weight
+    from icbs.baselines.sparsegpt import sparsegpt_prune_weight
+    from icbs.exceptions import StatisticsError
+    from icbs.state import MaskPattern
+
+    H = torch.eye(8)
+    H[2, 3] = float("inf")
+    prune = {"sparsegpt": sparsegpt_prune_weight, "alps": alps_prune_weight}[method]
+    with pytest.raises(StatisticsError, match="non-finite.*scoring.init_damping_frac") as info:
+        prune(torch.randn(4, 8), H, MaskPattern.from_config(0.5, "unstructured"))
+    assert isinstance(info.value, ValueError)  # the CLI reports it as bad input (exit 2)
+
+
+def test_singular_hessian_without_damping_names_the_damping_key():
+    from icbs.baselines.sparsegpt import inverse_hessian_factor
+    from icbs.exceptions import StatisticsError
+
+    x = 1000 * torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    H = x.T @ x  # rank 2 of 16, no zero diagonal: only damping can make it invertible
+    with pytest.raises(StatisticsError, match="'scoring.init_damping_frac'"):
+        inverse_hessian_factor(H, 0.0)
+    assert torch.isfinite(inverse_hessian_factor(H, 0.01)).all()

@@ -138,3 +138,17 @@ def test_bcd_refitting_init_starts_from_its_refitted_weights(mlp_problem, make_c
         moved = model.fc1.weight.detach()[kept] != dense["fc1.weight"][kept]
         assert bool(moved.any()) == (method == init)
     assert losses[init] < losses["magnitude"]
+
+
+def test_bcd_patience_stops_after_rounds_in_a_row_that_kept_nothing(mlp_problem, make_config):
+    model, calib, loss_fn = mlp_problem(seed=2, n_samples=64)
+    records = []
+    cfg = make_config(calibration={"n_validation": 16}, derivatives={"estimator": "fisher", "n_samples": 8},
+                      bcd={"max_steps": 5000, "check": "validation", "patience": 3})
+    result = icbs.prune(model, cfg, calib, loss_fn, callbacks=[records.append])
+    report = result.report
+    assert report.stop_reason == "patience" and report.steps < 5000
+    assert report.accepted > 0
+    assert [r.accepted for r in records[-3:]] == [False] * 3
+    kept_runs = "".join("k" if r.accepted else "." for r in records)
+    assert "..." not in kept_runs[:-3]  # it stopped at the first three stale rounds in a row
