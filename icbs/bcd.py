@@ -35,7 +35,7 @@ from icbs.config import IcbsConfig
 from icbs.executors import Executor, make_executor
 from icbs.initialise import DenseStatistics, dense_statistics, initialise_masks
 from icbs.models.base import model_device
-from icbs.moves import Move, apply_answer, build_job, solve_jobs, undo_moves
+from icbs.moves import Move, apply_answer, build_job, changed_entries, solve_jobs, undo_moves
 from icbs.pool import SamplePool, calibration_loss, check_calibration
 from icbs.preflight import check_arguments, pruning_state, resolve_solver
 from icbs.records import EvalRecord, PruneResult, RunHooks, RunLog, SolverStats, StepRecord
@@ -74,6 +74,7 @@ class _Driver:
     def start(self, saved: Mapping[str, Any] | None) -> bool:
         """Dense statistics, then the init or the checkpoint's state; returns whether that run had finished."""
         self.clock.start()
+        mark = time.perf_counter()
         self.stats = dense_statistics(self.model, self.layers, self.pool, self.loss_fn, self.cfg)
         self.chooser = BlockChooser(
             self.model, self.layers, self.state, self.loss_fn, scoring=self.cfg.scoring, blocks=self.cfg.blocks,
@@ -86,7 +87,6 @@ class _Driver:
         if saved is not None:
             self.ready = True
             return self.load(saved)
-        mark = time.perf_counter()
         initialise_masks(self.model, self.layers, self.state, self.pool, self.loss_fn, self.cfg, self.stats)
         log = self.log
         log.init_loss = calibration_loss(self.model, self.pool.batches, self.loss_fn, self.pool.device)
@@ -184,7 +184,7 @@ class _Driver:
         if self.refitter is None or not moves:
             return []
         mark = time.perf_counter()
-        refits = self.refitter.refit_moves(self.state, {move.layer: move.index for move in moves})
+        refits = self.refitter.refit_moves(self.state, {move.layer: changed_entries(self.state, move) for move in moves})
         self.log.timings["refit_s"] += time.perf_counter() - mark
         return refits
 

@@ -28,7 +28,7 @@ from icbs.schedule import Stream, step_seed
 from icbs.state import PruningState
 from icbs.subproblem import acceptance_tolerance, build_block_problem, x_to_keep
 
-__all__ = ["BlockJob", "Move", "build_job", "solve_jobs", "apply_answer", "undo_moves", "check_solution"]
+__all__ = ["BlockJob", "Move", "build_job", "solve_jobs", "apply_answer", "undo_moves", "changed_entries", "check_solution"]
 
 
 @dataclasses.dataclass
@@ -50,6 +50,12 @@ class Move:
     layer: str
     index: Tensor
     old_keep: Tensor  # (n,) bool keep values before the move
+
+
+def changed_entries(state: PruningState, move: Move) -> Tensor:
+    """The flat indices of ``move``'s block whose keep value the move flipped (the rows a refit must revisit)."""
+    now = state[move.layer].keep_mask.view(-1)[move.index.to(state[move.layer].keep_mask.device)]
+    return move.index[(now != move.old_keep.to(now.device)).to(move.index.device)]
 
 
 def check_solution(x: Any, constraints: Sequence[tuple[np.ndarray, int]], n: int, layer: str, solver_name: str) -> np.ndarray:
