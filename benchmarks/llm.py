@@ -201,9 +201,12 @@ def _plot(path: Path, out: Mapping[str, Any]) -> None:
     fig, axes = plt.subplots(1, len(sparsities), figsize=(4.2 * len(sparsities), 4), squeeze=False)
     for ax, sparsity in zip(axes[0], sparsities):
         rows = [r for r in out["rows"] if r["sparsity"] == sparsity]
+        runs = sorted({r["method"].split("]")[0] + "]" for r in rows if r["method"].startswith("icbs")})
         for i, text in enumerate(("pydoc", "docstrings")):
-            curve = sorted((r["minutes"], r[f"ppl_{text}"]) for r in rows if r["method"].startswith("icbs"))
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", color=f"C{i}", label=f"icbs, {text}")
+            for j, run in enumerate(runs):  # one curve per icbs run (a merged table may hold several)
+                curve = sorted((r["minutes"], r[f"ppl_{text}"]) for r in rows if r["method"].startswith(run))
+                ax.plot([c[0] for c in curve], [c[1] for c in curve], ("o-", "s--", "^-.")[j % 3], color=f"C{i}",
+                        label=f"{run}, {text}")
             for j, method in enumerate(("sparsegpt", "alps")):
                 base = [r for r in rows if r["method"] == method]
                 if base:

@@ -76,6 +76,7 @@ DESCRIPTIONS: dict[str, str] = {
     "bcd.check": "where a round must not raise the loss or is undone: `validation` (the `calibration.n_validation` split, never fitted on), `calibration` (every calibration "
     "sample; the calibration loss never rises), `fresh` (a random batch apart from the one the moves "
     "were fitted on), `batch` (the fitting batch: cheapest, but the loss drifts up late in long runs)",
+    "bcd.patience": "stop (reason `patience`) after this many rounds in a row kept no move: with `check: validation` the early stop once the validation loss stops falling; `null` = never",
     "bcd.workers": "block solves of a round run at the same time (masks do not depend on it)",
     "bcd.executor": "where those solves run: `thread` (a local pool) or `ray` (a Ray cluster)",
     "bcd.ray_address": "Ray cluster address for `bcd.executor: ray` (`null` starts a local runtime); checked before the model loads",
