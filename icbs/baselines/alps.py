@@ -54,7 +54,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from icbs.baselines.sparsegpt import run_sequential, single_thread_on_cpu
+from icbs.baselines.sparsegpt import run_sequential
 from icbs.exceptions import PruningError, StatisticsError
 from icbs.moments import check_finite_moment
 from icbs.state import MaskPattern
@@ -171,8 +171,9 @@ def alps_prune_weight(
     if hessian.shape != (n_in, n_in):
         raise ValueError(f"'hessian' should be ({n_in}, {n_in}) for a weight {tuple(weight.shape)}; got {tuple(hessian.shape)}")
     pattern.check_layer("weight", (int(n_out), int(n_in)))
-    with single_thread_on_cpu(weight.device):
-        return _prune_weight(weight, hessian, pattern, damping_frac, admm_iters, pcg_iters, rho_init)
+    # Unlike SparseGPT's column loop, every step here is a large matrix product or factorisation, which
+    # torch's threads speed up (1.6x with 2 threads on a 2-core CPU for SmolLM2's layers): no single-thread guard.
+    return _prune_weight(weight, hessian, pattern, damping_frac, admm_iters, pcg_iters, rho_init)
 
 
 def _prune_weight(

@@ -209,6 +209,10 @@ def _prune_weight(
 # ----------------------------------------------------------------------------------------------------
 
 
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+"""Keyword arguments through which transformers blocks receive a key/value cache."""
+
+
 class _StopForward(Exception):
     """Raised from a hook to end a forward pass early."""
 
@@ -277,14 +281,16 @@ def _capture_block_inputs(
 ) -> list[list[tuple[tuple, dict]]]:
     """``(args, kwargs)`` of every block for every batch, from one dense forward pass per batch.
 
-    Caches (``past_key_values``) are dropped and ``use_cache`` turned off so blocks can be re-run.
+    Caches (``past_key_values``, or ``cache`` in transformers 5) are dropped and ``use_cache`` turned off so
+    blocks can be re-run: a kept cache would grow on every re-run and feed the dense pass's keys and values to
+    the pruned block's attention (a ``loss_fn`` that does not pass ``use_cache=False`` creates one).
     """
     captured: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
 
     def make_hook(index: int) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             kwargs = dict(kwargs)
-            for key in ("past_key_values", "past_key_value"):
+            for key in _CACHE_KWARGS:
                 if key in kwargs:
                     kwargs[key] = None
             if "use_cache" in kwargs:
@@ -313,6 +319,28 @@ def _capture_block_inputs(
     if any(len(c) != len(calibration) for c in captured):
         raise PruningError("the model's blocks were not each called once per calibration batch; sequential pruning needs that")
     return captured
+
+
+def _run_until(calls: Sequence[tuple[tuple, dict]], block: nn.Module, last: nn.Module) -> None:
+    """Run ``block`` on every call, but only up to the input of ``last`` (the last layer of a group).
+
+    The Hessians of a group need its input and nothing after it: the rest of the block's forward is
+    skipped. Hooks registered before this call (the moment hooks) still fire on ``last``'s input.
+    """
+
+    def stop(_module: nn.Module, _args: tuple) -> None:
+        raise _StopForward
+
+    handle = last.register_forward_pre_hook(stop)
+    try:
+        with torch.no_grad():
+            for args, kwargs in calls:
+                try:
+                    block(*args, **kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
 
 
 def _hidden(args: tuple, kwargs: dict) -> Tensor:
@@ -509,7 +537,8 @@ def _run_blocks(
             first_args, first_kwargs = calls[0]
             groups = _call_groups(lambda: block(*first_args, **first_kwargs), block_layers)
             for names in groups:
-                hessians = _hessians(run_all, {name: block_layers[name] for name in names})
+                run_to_group = functools.partial(_run_until, calls, block, block_layers[names[-1]])
+                hessians = _hessians(run_to_group, {name: block_layers[name] for name in names})
                 _prune_group(names, layers, hessians, prune, masks, originals)
         with torch.no_grad():
             outputs = run_all()

@@ -146,6 +146,33 @@ def test_sparsegpt_block_sequential_equals_full_model_sequential():
     assert not torch.allclose(layers_c[name].weight, layers_a[name].weight, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "alps"])
+def test_sequential_pruning_ignores_a_cache_the_loss_lets_the_model_build(method):
+    """A loss_fn without use_cache=False makes transformers pass a growing key/value cache to every block;
+    the block-sequential driver drops it, so the result equals the one from a cache-free loss."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 259, (4, 16), generator=gen)} for _ in range(2)]
+
+    def cached_loss(m, batch):  # the model's default use_cache=True builds a cache
+        logits = m(input_ids=batch["input_ids"]).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="none").view(4, -1).mean(1)
+
+    def plain_loss(m, batch):
+        logits = m(input_ids=batch["input_ids"], use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="none").view(4, -1).mean(1)
+
+    results = []
+    for loss_fn in (cached_loss, plain_loss):
+        model, _ = build_tiny_llama(seed=5)
+        layers = CausalLMAdapter().prunable_layers(model)
+        masks = run_baseline(method, model, layers, batches, loss_fn, density=0.5)
+        results.append((masks, {n: m.weight.detach().clone() for n, m in layers.items()}))
+    (masks_a, weights_a), (masks_b, weights_b) = results
+    for name in masks_a:
+        assert torch.equal(masks_a[name], masks_b[name]), name
+        assert torch.equal(weights_a[name], weights_b[name]), name
+
+
 def test_sparsegpt_beats_magnitude_and_model_reloads_identically(tmp_path):
     adapter = CausalLMAdapter()
     gen = torch.Generator().manual_seed(1)
