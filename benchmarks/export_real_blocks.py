@@ -20,7 +20,10 @@ Written to ``OUT`` (not committed: per n = 1024 block 12 MB of ``.npz`` and 40 M
 
 Usage::
 
-    python benchmarks/export_real_blocks.py --out /tmp/real_blocks            # the set of docs/BENCHMARKS.md
+    python benchmarks/export_real_blocks.py --out /tmp/real_blocks            # both sizes, the defaults
+    # the two folders of docs/BENCHMARKS.md's real-block table (each with the example of its day):
+    python benchmarks/export_real_blocks.py --out /tmp/rb1024 --sizes 1024
+    python benchmarks/export_real_blocks.py --out /tmp/rb4096 --sizes 4096 --late-rounds 1
     python benchmarks/export_real_blocks.py --out /tmp/rb --sizes 1024 --early-rounds 1 --late-after 0
 """
 

@@ -106,16 +106,17 @@ def _reached(energy: float, best: float) -> bool:
     return energy <= best + REACHED_REL * max(abs(best), 1e-300)
 
 
-def _real_index(folders: list[Path], most: int | None) -> list[tuple[Path, dict]]:
+def _real_index(folders: list[Path], most: int | None, most_large: int | None = None) -> list[tuple[Path, dict]]:
     """The blocks listed in the ``index.json`` of each folder, as (folder, row); at most ``most`` of each
-    (n, phase), the first ones."""
+    (n, phase), the first ones, and at most ``most_large`` of each (n, phase) with n > 1024 when given."""
     blocks = []
     taken: dict[tuple[int, str], int] = {}
     for folder in folders:
         index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
         for row in index["blocks"]:
             key = (row["n"], row["phase"])
-            if most is None or taken.get(key, 0) < most:
+            cap = most_large if most_large is not None and row["n"] > 1024 else most
+            if cap is None or taken.get(key, 0) < cap:
                 taken[key] = taken.get(key, 0) + 1
                 blocks.append((folder, row))
     return blocks
@@ -126,13 +127,13 @@ def _checksum(problem: CardinalityQP) -> str:
     return f"{float(problem.Q.sum()):.12e}/{float(np.trace(problem.Q)):.12e}"
 
 
-def run_real(folders: list[Path], most: int | None = None) -> tuple[list[dict], list[dict]]:
+def run_real(folders: list[Path], most: int | None = None, most_large: int | None = None) -> tuple[list[dict], list[dict]]:
     """Solve every exported block with every solver of ``REAL_SOLVERS``; return (per-block, per-run) rows."""
     recorded = json.loads(REAL_BEST.read_text(encoding="utf-8"))["blocks"] if REAL_BEST.exists() else []
     known = {row["id"]: row for row in recorded}
     blocks, runs = [], []
     counts: dict[tuple[str, int], int] = {}
-    for folder, row in _real_index(folders, most):
+    for folder, row in _real_index(folders, most, most_large):
         problem = load_block(folder / f"{row['id']}.npz")
         x_cur = np.asarray(row["x_cur"], dtype=np.int8)
         energies: dict[str, float] = {}
@@ -354,9 +355,9 @@ def _machine() -> str:
             f"{platform.python_version()}, 1-minute load average {load:.1f} at the end")
 
 
-def real_section(folders: list[Path], command: str, most: int | None) -> str:
+def real_section(folders: list[Path], command: str, most: int | None, most_large: int | None = None) -> str:
     started = time.perf_counter()
-    blocks, runs = run_real(folders, most)
+    blocks, runs = run_real(folders, most, most_large)
     write_best_known(blocks, command)
     sizes = sorted({block["n"] for block in blocks})
     phases = ", ".join(f"{sum(b['n'] == n for b in blocks)} at n = {n}" for n in sizes)
@@ -424,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=Path, nargs="+", default=[], help="folders written by export_real_blocks.py")
     parser.add_argument("--max-blocks", type=int, default=None, help="at most this many real blocks per (n, phase)")
+    parser.add_argument("--max-large-blocks", type=int, default=None,
+                        help="at most this many real blocks per (n, phase) for n > 1024 (each takes minutes)")
     parser.add_argument("--skip-real", action="store_true", help="only the synthetic tables")
     parser.add_argument("--skip-synthetic", action="store_true", help="only the real-block tables")
     parser.add_argument("--quick", action="store_true", help="synthetic n in {64, 256} only, cpsat search up to 28")
@@ -439,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         command = "python benchmarks/solvers.py --skip-synthetic --blocks " + " ".join(str(b) for b in args.blocks)
         if args.max_blocks is not None:
             command += f" --max-blocks {args.max_blocks}"
-        sections.append((real_section(args.blocks, command, args.max_blocks), REAL_BEGIN, REAL_END))
+        if args.max_large_blocks is not None:
+            command += f" --max-large-blocks {args.max_large_blocks}"
+        sections.append((real_section(args.blocks, command, args.max_blocks, args.max_large_blocks), REAL_BEGIN, REAL_END))
     if not args.skip_synthetic:
         sections.append((synthetic_section(args.quick, args.spread_instances), BEGIN, END))
     for section, begin, end in sections:
