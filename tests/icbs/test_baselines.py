@@ -153,16 +153,17 @@ def test_sequential_pruning_ignores_a_cache_the_loss_lets_the_model_build(method
     gen = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, 259, (4, 16), generator=gen)} for _ in range(2)]
 
-    def cached_loss(m, batch):  # the model's default use_cache=True builds a cache
-        logits = m(input_ids=batch["input_ids"]).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="none").view(4, -1).mean(1)
+    def loss_with(**forward_kwargs):
+        def loss_fn(m, batch):
+            ids = batch["input_ids"]
+            logits = m(input_ids=ids, **forward_kwargs).logits
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(4, -1).mean(1)
 
-    def plain_loss(m, batch):
-        logits = m(input_ids=batch["input_ids"], use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="none").view(4, -1).mean(1)
+        return loss_fn
 
     results = []
-    for loss_fn in (cached_loss, plain_loss):
+    # The model's default (use_cache=True) builds a cache; use_cache=False builds none.
+    for loss_fn in (loss_with(), loss_with(use_cache=False)):
         model, _ = build_tiny_llama(seed=5)
         layers = CausalLMAdapter().prunable_layers(model)
         masks = run_baseline(method, model, layers, batches, loss_fn, density=0.5)
