@@ -43,6 +43,8 @@ DESCRIPTIONS: dict[str, str] = {
     "calibration.split": "fraction of the corpus used for calibration; evaluation uses the rest",
     "calibration.seed": "seed of the sample draw",
     "calibration.n_validation": "the last this many calibration samples are a validation split: never estimated on, read only by `bcd.check: validation`",
+    "calibration.targets": "what the loss compares outputs with: `labels` (the data's next tokens or classes) `dense` (KL divergence to the dense model's outputs, computed once before pruning), or `dense_check` (estimates on the labels, round check and reported losses on that KL)",
+    "calibration.top_k": "with `targets: dense`/`dense_check`, the dense model's most likely outcomes kept per position (the rest are lumped into one)",
     "eval.n_samples": "held-out samples (text windows or images; 0 = all images)",
     "eval.seq_len": "tokens per evaluation window",
     "eval.batch_size": "samples per evaluation batch",

@@ -339,12 +339,12 @@ def prune(
     hooks = RunHooks(evaluate, config.eval.every_s if eval_every_s is None and isinstance(config, IcbsConfig)
                      else eval_every_s, tuple(callbacks), path, progress)
     check_arguments(model, config, loss_fn, hooks, resume)
-    batches = check_calibration(calibration)
+    batches = check_calibration(calibration, config.calibration.targets)
     state = pruning_state(model, config, layers)
     chosen = {name: state[name].module for name in state}
     solver = resolve_solver(config, solver)
     saved = ckpt.load_checkpoint(path) if resume and path is not None else None
     pool = SamplePool(batches, model_device(model), config.bcd.seed, config.derivatives.n_samples,
-                      config.calibration.n_validation)
+                      config.calibration.n_validation, estimate_on_labels=config.calibration.targets == "dense_check")
     driver = _Driver(model, config, pool, loss_fn, chosen, state, solver, hooks)
     return driver.execute(saved)

@@ -34,6 +34,12 @@ from icbs.config import EvalConfig
 __all__ = [
     "token_nll",
     "causal_lm_nll",
+    "causal_lm_kl",
+    "dense_top_k",
+    "coarse_kl",
+    "top_k_log_probs",
+    "sample_outcomes",
+    "distillation_loss",
     "evaluate_lm",
     "evaluate_classifier",
     "density_report",
@@ -113,6 +119,39 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | N
     return model.get_decoder(), head, getattr(config, "final_logit_softcapping", None)
 
 
+def _logit_chunks(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, chunk_tokens: int | None
+) -> Iterator[tuple[int, int, Tensor]]:
+    """``(start, stop, logits)`` of the predicting positions ``start..stop-1``, float32, chunk by chunk.
+
+    Known families (:func:`_decoder_and_head`) run the decoder once and the LM head per chunk of
+    ``chunk_tokens`` positions (``None``: as many as fit ``B x chunk x V`` in 2^24 elements); others yield
+    their own full logits as one chunk. The last position predicts nothing and is left out.
+    """
+    n_positions = input_ids.shape[1] - 1
+    parts = _decoder_and_head(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        yield 0, n_positions, logits[:, :-1, :].float()
+        return
+    decoder, head, softcap = parts
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    step = chunk_tokens or max(1, _LOGIT_ELEMENTS // max(1, input_ids.shape[0] * head.weight.shape[0]))
+    for start in range(0, n_positions, step):
+        stop = min(start + step, n_positions)
+        logits = head(hidden[:, start:stop])
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        yield start, stop, logits.float()
+
+
+def _joined(pieces: list[Tensor], input_ids: Tensor) -> Tensor:
+    """The per-chunk ``(B, chunk)`` pieces as one ``(B, T-1)`` float32 tensor."""
+    if pieces:
+        return torch.cat(pieces, dim=1)
+    return torch.zeros(input_ids.shape[0], 0, dtype=torch.float32, device=input_ids.device)
+
+
 def causal_lm_nll(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, *, chunk_tokens: int | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -132,27 +171,122 @@ def causal_lm_nll(
     Returns:
         ``(nll, valid)`` as :func:`token_nll`.
     """
-    parts = _decoder_and_head(model)
-    if parts is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return token_nll(logits, input_ids, attention_mask)
-    decoder, head, softcap = parts
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    n_batch, n_positions = input_ids.shape[0], input_ids.shape[1] - 1
-    vocab = head.weight.shape[0]
-    step = chunk_tokens or max(1, _LOGIT_ELEMENTS // max(1, n_batch * vocab))
     pieces = []
-    for start in range(0, n_positions, step):
-        stop = min(start + step, n_positions)
-        logits = head(hidden[:, start:stop])
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+    for start, stop, logits in _logit_chunks(model, input_ids, attention_mask, chunk_tokens):
         targets = input_ids[:, start + 1 : stop + 1].to(logits.device)
-        nll = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), reduction="none")
-        pieces.append(nll.view(n_batch, stop - start))
-    nll = torch.cat(pieces, dim=1) if pieces else hidden.new_zeros(n_batch, 0, dtype=torch.float32)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        pieces.append(nll.view(targets.shape))
+    nll = _joined(pieces, input_ids)
     valid = _valid_targets(attention_mask, nll)
     return nll * valid, valid
+
+
+def dense_top_k(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, k: int, *, seed: int = 0,
+    chunk_tokens: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The model's ``k`` most likely next tokens at every position, their log-probabilities, and a sampled token.
+
+    These are the targets of :func:`causal_lm_kl`: taken from the dense model once, before pruning, they
+    cost ``B x (T-1) x (k + 1)`` numbers instead of the full ``B x T x V`` distribution. The sampled token
+    is drawn from the full distribution with a generator seeded by ``seed``, so the same model and windows
+    give the same targets.
+
+    Returns:
+        ``(ids, logp, sample)``: ``(B, T-1, k)`` int32 token ids and float32 log-probabilities, most likely
+        first, and ``(B, T-1)`` int32 sampled tokens.
+    """
+    ids, logps, samples = [], [], []
+    generator: torch.Generator | None = None
+    with torch.no_grad():
+        for _, _, logits in _logit_chunks(model, input_ids, attention_mask, chunk_tokens):
+            if generator is None:
+                generator = torch.Generator(device=logits.device).manual_seed(seed)
+            top_ids, top_logp = top_k_log_probs(logits, k)
+            ids.append(top_ids)
+            logps.append(top_logp)
+            samples.append(sample_outcomes(logits, generator))
+    return torch.cat(ids, dim=1), torch.cat(logps, dim=1), torch.cat(samples, dim=1)
+
+
+def sample_outcomes(logits: Tensor, generator: torch.Generator) -> Tensor:
+    """One outcome per row of ``softmax(logits)`` along the last axis, int32, shape ``logits.shape[:-1]``."""
+    probs = torch.softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
+    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1]).to(torch.int32)
+
+
+def distillation_loss(logits: Tensor, target_ids: Tensor, target_logp: Tensor, sample: Tensor) -> Tensor:
+    """The KL of :func:`coarse_kl` in value, the NLL of the dense model's sampled outcome in gradient.
+
+    The gradient of the NLL of an outcome drawn from the dense distribution ``p`` has the mean
+    ``∇ CE(p, q) = ∇ KL(p || q)``, and per-sample gradients whose outer products estimate the Fisher of the
+    pruned model; the gradients of the KL itself shrink to zero near the dense model, and their outer
+    products with them, so a Fisher built from them would under-state the curvature and the block problems
+    would take steps too long. The value stays the exact coarsened KL for the round check and the reports.
+    """
+    kl = coarse_kl(logits, target_ids, target_logp)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), sample.to(logits.device).long().reshape(-1),
+                          reduction="none").view(sample.shape)
+    return kl.detach() + (nll - nll.detach())
+
+
+def coarse_kl(logits: Tensor, target_ids: Tensor, target_logp: Tensor) -> Tensor:
+    """KL from a reference distribution known by its top ``k`` outcomes to ``softmax(logits)``.
+
+    Both distributions are coarsened to ``k + 1`` outcomes: the reference's ``k`` and "any other". The KL
+    of the coarsened pair is exact, zero when the model matches the reference, and never above the full KL;
+    with ``k`` equal to the number of outcomes it is the full KL.
+
+    Args:
+        logits: ``(..., V)`` model logits.
+        target_ids: ``(..., k)`` outcome indices of the reference (any integer dtype).
+        target_logp: ``(..., k)`` their reference log-probabilities.
+
+    Returns:
+        ``(...)`` float32 divergences.
+    """
+    ids = target_ids.to(logits.device).long()
+    p_logp = target_logp.to(logits.device).float()
+    q_logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids)
+    top = (p_logp.exp() * (p_logp - q_logp)).sum(-1)
+    if ids.shape[-1] >= logits.shape[-1]:  # every outcome listed: the full KL, no remainder to round
+        return top
+    p_rest = -torch.expm1(torch.logsumexp(p_logp, dim=-1)).clamp_max(0.0)
+    q_rest = (-torch.expm1(torch.logsumexp(q_logp, dim=-1).clamp_max(0.0))).clamp_min(torch.finfo(torch.float32).tiny)
+    return top + torch.xlogy(p_rest, p_rest) - torch.xlogy(p_rest, q_rest)
+
+
+def top_k_log_probs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(ids int32, log-probabilities float32)`` of the ``k`` most likely outcomes along the last axis."""
+    top = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
+    return top.indices.to(torch.int32), top.values
+
+
+def causal_lm_kl(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, target_ids: Tensor, target_logp: Tensor,
+    sample: Tensor, *, chunk_tokens: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per position, the :func:`distillation_loss` to a reference next-token distribution (the dense model's).
+
+    The logits are scored chunk by chunk as in :func:`causal_lm_nll`, so no ``(B, T, V)`` tensor exists
+    outside autograd.
+
+    Args:
+        model: a Hugging Face causal LM.
+        input_ids, attention_mask: as :func:`causal_lm_nll`.
+        target_ids, target_logp, sample: from :func:`dense_top_k` on the same windows.
+
+    Returns:
+        ``(loss, valid)``, both ``(B, T-1)`` float32, with ``valid`` as :func:`token_nll`; ``loss`` is the
+        coarsened KL in value.
+    """
+    pieces = []
+    for start, stop, logits in _logit_chunks(model, input_ids, attention_mask, chunk_tokens):
+        pieces.append(distillation_loss(logits, target_ids[:, start:stop], target_logp[:, start:stop],
+                                        sample[:, start:stop]))
+    kl = _joined(pieces, input_ids)
+    valid = _valid_targets(attention_mask, kl)
+    return kl * valid, valid
 
 
 def evaluate_lm(

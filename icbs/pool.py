@@ -18,14 +18,19 @@ from torch import Tensor, nn
 
 from icbs.batching import batch_size, batch_to, concat_batches, index_batch
 from icbs.schedule import Stream, step_rng
+from icbs.targets import check_targets, without_dense_targets
 
 __all__ = ["SamplePool", "calibration_loss", "check_calibration"]
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 
 
-def check_calibration(calibration: object) -> list[dict[str, Tensor]]:
-    """The calibration batches as a list of dicts; raises naming ``calibration`` when malformed."""
+def check_calibration(calibration: object, targets: str = "labels") -> list[dict[str, Tensor]]:
+    """The calibration batches as a list of dicts; raises naming ``calibration`` when malformed.
+
+    ``targets`` is ``calibration.targets``: ``dense`` needs every batch to carry the dense model's targets
+    (:func:`icbs.targets.with_dense_targets`), ``labels`` needs none to.
+    """
     if isinstance(calibration, Mapping):
         calibration = [calibration]
     if not isinstance(calibration, Sequence) or len(calibration) == 0:
@@ -34,6 +39,7 @@ def check_calibration(calibration: object) -> list[dict[str, Tensor]]:
         if not isinstance(batch, Mapping):
             raise TypeError(f"'calibration[{i}]' should be a dict[str, Tensor]; got {type(batch).__name__}")
         batch_size(batch)
+    check_targets(calibration, targets)
     return [dict(b) for b in calibration]
 
 
@@ -58,10 +64,13 @@ class SamplePool:
         seed: ``bcd.seed``.
         n_per_step: samples per round (``derivatives.n_samples``; capped at the pool's size).
         n_validation: samples held out at the end as the validation split.
+        estimate_on_labels: drop the dense-model targets from the rounds' estimation batches, so the
+            estimates follow the labels while the round check and the reported losses read the KL to the
+            dense model (``calibration.targets: dense_check``).
     """
 
     def __init__(self, calibration: Sequence[Mapping[str, Tensor]], device: torch.device, seed: int,
-                 n_per_step: int, n_validation: int = 0) -> None:
+                 n_per_step: int, n_validation: int = 0, *, estimate_on_labels: bool = False) -> None:
         self.batches = [dict(b) for b in calibration]
         self.validation: list[dict[str, Tensor]] = []
         if n_validation:
@@ -78,6 +87,7 @@ class SamplePool:
         self.device = device
         self.seed = int(seed)
         self.n_per_step = min(int(n_per_step), self.size)
+        self.estimate_on_labels = bool(estimate_on_labels)
 
     def device_batches(self) -> list[dict[str, Tensor]]:
         """Every calibration batch on the model's device."""
@@ -93,8 +103,9 @@ class SamplePool:
         return batch_to(index_batch(self.samples, torch.as_tensor(indices, dtype=torch.long)), self.device)
 
     def step_batch(self, first_step: int) -> dict[str, Tensor]:
-        """The round's estimation batch."""
-        return self.take(self.step_indices(first_step))
+        """The round's estimation batch (without dense-model targets when estimating on the labels)."""
+        batch = self.take(self.step_indices(first_step))
+        return without_dense_targets(batch) if self.estimate_on_labels else batch
 
     def fresh_batch(self, first_step: int) -> dict[str, Tensor]:
         """A batch of the step batch's size from the other samples (from all when too few are left)."""

@@ -153,11 +153,16 @@ def _load(model_cfg: ModelConfig, progress: bool = False) -> Any:
     return load_model(model_cfg, progress=progress)
 
 
-def _data(cfg: IcbsConfig, loaded: Any) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+def _data(cfg: IcbsConfig, loaded: Any, *, targets: bool = True, progress: bool = False
+          ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
     from icbs.data import build_data
+    from icbs.targets import with_dense_targets
 
     calibration, evaluation = build_data(cfg.calibration, cfg.eval, loaded)
     logger.info("data: %d calibration batches, %d evaluation batches", len(calibration), len(evaluation))
+    if targets and cfg.calibration.targets != "labels":  # the model is still dense here, also when resuming
+        calibration = with_dense_targets(loaded.adapter, loaded.model, calibration, cfg.calibration.top_k,
+                                         seed=cfg.calibration.seed, progress=progress)
     return calibration, evaluation
 
 
@@ -300,7 +305,7 @@ def _preflight(cfg: IcbsConfig, target: Path, *, overwrite: bool, resume: bool, 
     loaded = _load(cfg.model, progress)
     timings["load_model_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    calibration, evaluation = _data(cfg, loaded)
+    calibration, evaluation = _data(cfg, loaded, progress=progress)
     layers = _layers(cfg, loaded)
     _check_fit(cfg, layers, calibration)
     timings["data_s"] = time.perf_counter() - mark
@@ -496,7 +501,7 @@ def run_evaluate(cfg: IcbsConfig, *, model_dir: str | Path | None = None) -> Run
 
     check_lm_eval_tasks(cfg.eval, model_kind(cfg.model))
     loaded = _load(cfg.model) if model_dir is None else _load_saved(cfg, Path(model_dir))
-    _calibration, evaluation = _data(cfg, loaded)
+    _calibration, evaluation = _data(cfg, loaded, targets=False)  # evaluation only: no calibration loss
     layers = _layers(cfg, loaded)
     metrics = _evaluator(loaded, evaluation)(loaded.model)
     densities = density_report(loaded.model, layers)

@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from icbs.evaluation import causal_lm_nll, evaluate_lm
+from icbs.evaluation import causal_lm_kl, causal_lm_nll, dense_top_k, evaluate_lm
 from icbs.models.base import (
     check_dtype_runs,
     find_prunable_layers,
@@ -29,8 +29,9 @@ from icbs.models.base import (
     resolve_device_map,
     resolve_dtype,
 )
+from icbs.targets import DENSE_IDS, DENSE_LOGP, DENSE_SAMPLE, has_dense_targets
 
-__all__ = ["CausalLMAdapter", "load_hf_model", "save_hf_model", "resolve_model_path"]
+__all__ = ["CausalLMAdapter", "load_hf_model", "resolve_model_path", "save_hf_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,13 @@ def save_hf_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, 
             model.hf_quantizer = quantizer
 
 
+def _inputs(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """The batch's ``input_ids`` and ``attention_mask`` (or None) on the model's input device."""
+    device = model_device(model)
+    attention_mask = batch.get("attention_mask")
+    return batch["input_ids"].to(device), attention_mask.to(device) if attention_mask is not None else None
+
+
 class CausalLMAdapter:
     """Hugging Face causal LM: next-token NLL per window, perplexity on held-out windows."""
 
@@ -199,16 +207,32 @@ class CausalLMAdapter:
     def per_sample_loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         """Mean next-token NLL over each window's non-padding targets, shape ``(B,)`` float32.
 
+        A batch with dense-model targets (:meth:`dense_targets`) gets the mean per-token KL divergence
+        from them instead (:func:`icbs.evaluation.causal_lm_kl`), over the same positions.
+
         A window with no valid target (all padding) gets loss 0. The LM head runs chunk by chunk
         (:func:`icbs.evaluation.causal_lm_nll`), so a large vocabulary's full logits never exist at once
         outside autograd.
         """
-        device = model_device(model)
-        input_ids = batch["input_ids"].to(device)
-        attention_mask = batch.get("attention_mask")
-        attention_mask = attention_mask.to(device) if attention_mask is not None else None
-        nll, valid = causal_lm_nll(model, input_ids, attention_mask)
-        return nll.sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
+        input_ids, attention_mask = _inputs(model, batch)
+        if has_dense_targets(batch):
+            loss, valid = causal_lm_kl(model, input_ids, attention_mask, batch[DENSE_IDS], batch[DENSE_LOGP],
+                                       batch[DENSE_SAMPLE])
+        else:
+            loss, valid = causal_lm_nll(model, input_ids, attention_mask)
+        return loss.sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
+
+    def dense_targets(self, model: nn.Module, batch: Mapping[str, Tensor], top_k: int, *, seed: int = 0
+                      ) -> dict[str, Tensor]:
+        """The model's ``top_k`` next tokens and log-probabilities per position, and a token sampled from it.
+
+        Added to a calibration batch (``calibration.targets: dense``), they turn :meth:`per_sample_loss`
+        into the mean per-token KL divergence from this (dense) model to the model being pruned (in value;
+        its gradient is that of the sampled token's NLL, :func:`icbs.evaluation.distillation_loss`).
+        """
+        ids, logp, sample = dense_top_k(model, *_inputs(model, batch), top_k, seed=seed)
+        device = batch["input_ids"].device
+        return {DENSE_IDS: ids.to(device), DENSE_LOGP: logp.to(device), DENSE_SAMPLE: sample.to(device)}
 
     def evaluate(
         self, model: nn.Module, batches: Sequence[Mapping[str, Tensor]], *, progress: bool = False

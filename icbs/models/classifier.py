@@ -14,11 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from icbs.evaluation import evaluate_classifier
+from icbs.evaluation import distillation_loss, evaluate_classifier, sample_outcomes, top_k_log_probs
 from icbs.models.base import find_prunable_layers, model_device, model_dtype
+from icbs.targets import DENSE_IDS, DENSE_LOGP, DENSE_SAMPLE, has_dense_targets
 
 __all__ = ["ClassifierAdapter", "CLASSIFIER_META_FILE", "CLASSIFIER_WEIGHTS_FILE"]
 
@@ -88,10 +90,14 @@ class ClassifierAdapter:
     def per_sample_loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         """Per-sample loss ``(B,)``: cross-entropy of the logits against ``y`` unless ``loss`` was given.
 
+        A batch with dense-model targets (:meth:`dense_targets`) gets the KL divergence from them instead.
+
         Raises:
             ValueError: a custom loss does not return one value per sample.
         """
         logits = self.logits(model, batch)
+        if has_dense_targets(batch):
+            return distillation_loss(logits, batch[DENSE_IDS], batch[DENSE_LOGP], batch[DENSE_SAMPLE])
         y = batch["y"].to(logits.device)
         if self.loss is None:
             return F.cross_entropy(logits.float(), y, reduction="none")
@@ -101,6 +107,23 @@ class ClassifierAdapter:
                 f"'loss' should return one loss per sample, shape ({y.shape[0]},); got {tuple(losses.shape)}"
             )
         return losses
+
+    def dense_targets(self, model: nn.Module, batch: Mapping[str, Tensor], top_k: int, *, seed: int = 0
+                      ) -> dict[str, Tensor]:
+        """The model's ``top_k`` most likely classes and their log-probabilities (all when ``top_k >= C``),
+        and a class sampled from its distribution with a generator seeded by ``seed``.
+
+        Raises:
+            ValueError: the adapter has a custom ``loss``, which dense targets would replace.
+        """
+        if self.loss is not None:
+            raise ValueError("'calibration.targets' 'dense' replaces the loss by the KL divergence to the dense "
+                             "model; this adapter was given a custom 'loss': use 'labels'")
+        logits = self.logits(model, batch)
+        ids, logp = top_k_log_probs(logits, top_k)
+        sample = sample_outcomes(logits, torch.Generator(device=logits.device).manual_seed(seed))
+        device = batch["x"].device
+        return {DENSE_IDS: ids.to(device), DENSE_LOGP: logp.to(device), DENSE_SAMPLE: sample.to(device)}
 
     def evaluate(
         self, model: nn.Module, batches: Sequence[Mapping[str, Tensor]], *, progress: bool = False
