@@ -206,15 +206,19 @@ def _plot(path: Path, out: Mapping[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     sparsities = out["sparsities"]
-    fig, axes = plt.subplots(1, len(sparsities), figsize=(4.2 * len(sparsities), 4), squeeze=False)
+    # One style per icbs run across all panels (a merged table may hold several runs per sparsity).
+    runs = sorted({r["method"].split("]")[0] + "]" for r in out["rows"] if r["method"].startswith("icbs")},
+                  key=lambda run: ("targets" in run, "batch" in run, run))  # the shipped recipe first: solid circles
+    styles = {run: ("o-", "s--", "^-.", "D:", "v-")[j % 5] for j, run in enumerate(runs)}
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(4.6 * len(sparsities), 5.2), squeeze=False)
     for ax, sparsity in zip(axes[0], sparsities):
         rows = [r for r in out["rows"] if r["sparsity"] == sparsity]
-        runs = sorted({r["method"].split("]")[0] + "]" for r in rows if r["method"].startswith("icbs")})
         for i, text in enumerate(("pydoc", "docstrings")):
-            for j, run in enumerate(runs):  # one curve per icbs run (a merged table may hold several)
+            for run in runs:
                 curve = sorted((r["minutes"], r[f"ppl_{text}"]) for r in rows if r["method"].startswith(run))
-                ax.plot([c[0] for c in curve], [c[1] for c in curve], ("o-", "s--", "^-.")[j % 3], color=f"C{i}",
-                        label=f"{run}, {text}")
+                if curve:
+                    ax.plot([c[0] for c in curve], [c[1] for c in curve], styles[run], color=f"C{i}",
+                            label=f"{run.removeprefix('icbs[alps, ').rstrip(']')}, {text}")
             for j, method in enumerate(("sparsegpt", "alps")):
                 base = [r for r in rows if r["method"] == method]
                 if base:
@@ -223,7 +227,7 @@ def _plot(path: Path, out: Mapping[str, Any]) -> None:
         ax.set_xlabel("elapsed pruning time (min, 2-core CPU)")
         ax.set_ylabel("held-out perplexity")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=6, loc="upper right")
     fig.suptitle("SmolLM2-135M: icbs against one-shot methods")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -143,11 +143,12 @@ def test_prune_refuses_batches_that_do_not_carry_what_calibration_targets_asks_f
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_cli_run_with_dense_targets_prunes_to_the_exact_density_and_lowers_the_kl(tmp_path):
+@pytest.mark.parametrize("targets", ["dense", "dense_check"])
+def test_cli_run_with_dense_targets_prunes_to_the_exact_density_and_lowers_the_kl(tmp_path, targets):
     cfg = load_config(overrides=[
         "model.kind=causal_lm", "model.builtin=tiny_llama", "model.device=cpu",
         "calibration.source=pydoc", "calibration.n_samples=12", "calibration.n_validation=4", "calibration.seq_len=32",
-        "calibration.batch_size=4", "calibration.targets=dense", "calibration.top_k=16",
+        "calibration.batch_size=4", f"calibration.targets={targets}", "calibration.top_k=16",
         "eval.n_samples=8", "eval.seq_len=32", "eval.batch_size=4", "eval.every_s=null",
         "scoring.init_method=magnitude", "blocks.block_size=32", "blocks.k=16", "derivatives.estimator=fisher",
         "derivatives.n_samples=8", "bcd.time_budget=null", "bcd.max_steps=6",
