@@ -37,8 +37,7 @@ __all__ = [
     "causal_lm_kl",
     "dense_top_k",
     "coarse_kl",
-    "top_k_log_probs",
-    "sample_outcomes",
+    "outcome_targets",
     "distillation_loss",
     "evaluate_lm",
     "evaluate_classifier",
@@ -202,17 +201,24 @@ def dense_top_k(
         for _, _, logits in _logit_chunks(model, input_ids, attention_mask, chunk_tokens):
             if generator is None:
                 generator = torch.Generator(device=logits.device).manual_seed(seed)
-            top_ids, top_logp = top_k_log_probs(logits, k)
-            ids.append(top_ids)
-            logps.append(top_logp)
-            samples.append(sample_outcomes(logits, generator))
+            for out, part in zip((ids, logps, samples), outcome_targets(logits, k, generator)):
+                out.append(part)
     return torch.cat(ids, dim=1), torch.cat(logps, dim=1), torch.cat(samples, dim=1)
 
 
-def sample_outcomes(logits: Tensor, generator: torch.Generator) -> Tensor:
-    """One outcome per row of ``softmax(logits)`` along the last axis, int32, shape ``logits.shape[:-1]``."""
-    probs = torch.softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1]).to(torch.int32)
+def outcome_targets(logits: Tensor, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` most likely outcomes along the last axis, their log-probabilities, and one sampled outcome.
+
+    One log-softmax serves both the top ``k`` and the draw (``generator`` makes it reproducible).
+
+    Returns:
+        ``(ids, logp, sample)``: ``(..., k)`` int32 and float32 (``k`` capped at the number of outcomes),
+        and ``(...)`` int32.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    sample = torch.multinomial(logp.exp().reshape(-1, logp.shape[-1]), 1, generator=generator)
+    return top.indices.to(torch.int32), top.values, sample.view(logp.shape[:-1]).to(torch.int32)
 
 
 def distillation_loss(logits: Tensor, target_ids: Tensor, target_logp: Tensor, sample: Tensor) -> Tensor:
@@ -254,12 +260,6 @@ def coarse_kl(logits: Tensor, target_ids: Tensor, target_logp: Tensor) -> Tensor
     p_rest = -torch.expm1(torch.logsumexp(p_logp, dim=-1)).clamp_max(0.0)
     q_rest = (-torch.expm1(torch.logsumexp(q_logp, dim=-1).clamp_max(0.0))).clamp_min(torch.finfo(torch.float32).tiny)
     return top + torch.xlogy(p_rest, p_rest) - torch.xlogy(p_rest, q_rest)
-
-
-def top_k_log_probs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``(ids int32, log-probabilities float32)`` of the ``k`` most likely outcomes along the last axis."""
-    top = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
-    return top.indices.to(torch.int32), top.values
 
 
 def causal_lm_kl(

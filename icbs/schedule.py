@@ -38,6 +38,7 @@ class Stream(enum.IntEnum):
     SELECTION_SCORES = 4  # tie-breaking of the selection scores
     BLOCK = 5  # tie-breaking inside the block selection
     SCHEDULE = 7  # the layer order of a pass (per epoch)
+    DENSE_SAMPLE = 8  # the tokens drawn from the dense model for calibration.targets (per batch, not per step)
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:

@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from icbs.schedule import Stream, step_seed
 
 __all__ = ["DENSE_IDS", "DENSE_LOGP", "DENSE_SAMPLE", "has_dense_targets", "with_dense_targets",
            "without_dense_targets", "check_targets"]
@@ -36,19 +37,19 @@ def with_dense_targets(adapter: Any, model: nn.Module, batches: Sequence[Mapping
     """The batches with the dense ``model``'s top-``top_k`` targets added (new dicts; the inputs are untouched).
 
     Call it while the model still holds its dense weights. Batch ``i``'s sampled outcomes are drawn with
-    a seed derived from ``(seed, i)``, so the same model, batches and seed give the same targets.
+    :func:`icbs.schedule.step_seed` of ``(seed, i, Stream.DENSE_SAMPLE)``, so the same model, batches and seed give the same targets.
 
     Raises:
         ValueError: the adapter has no dense targets (names ``calibration.targets``).
     """
     if not hasattr(adapter, "dense_targets"):
-        raise ValueError(f"'calibration.targets' 'dense' is not available for {adapter.kind} models; use 'labels'")
+        raise ValueError(f"'calibration.targets' other than 'labels' is not available for {adapter.kind} models")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             bar = tqdm(batches, desc="dense targets", unit="batch", disable=not progress, leave=False)
-            return [{**batch, **adapter.dense_targets(model, batch, top_k, seed=_batch_seed(seed, i))}
+            return [{**batch, **adapter.dense_targets(model, batch, top_k, seed=step_seed(seed, i, Stream.DENSE_SAMPLE))}
                     for i, batch in enumerate(bar)]
     finally:
         model.train(was_training)
@@ -57,11 +58,6 @@ def with_dense_targets(adapter: Any, model: nn.Module, batches: Sequence[Mapping
 def without_dense_targets(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The batch without its dense-model targets (a new dict)."""
     return {key: value for key, value in batch.items() if key not in (DENSE_IDS, DENSE_LOGP, DENSE_SAMPLE)}
-
-
-def _batch_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for batch ``index`` of a run seeded with ``seed``."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def check_targets(batches: Sequence[Mapping[str, Tensor]], targets: str) -> None:

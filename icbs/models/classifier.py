@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from icbs.evaluation import distillation_loss, evaluate_classifier, sample_outcomes, top_k_log_probs
+from icbs.evaluation import distillation_loss, evaluate_classifier, outcome_targets
 from icbs.models.base import find_prunable_layers, model_device, model_dtype
 from icbs.targets import DENSE_IDS, DENSE_LOGP, DENSE_SAMPLE, has_dense_targets
 
@@ -120,8 +120,7 @@ class ClassifierAdapter:
             raise ValueError("'calibration.targets' 'dense' replaces the loss by the KL divergence to the dense "
                              "model; this adapter was given a custom 'loss': use 'labels'")
         logits = self.logits(model, batch)
-        ids, logp = top_k_log_probs(logits, top_k)
-        sample = sample_outcomes(logits, torch.Generator(device=logits.device).manual_seed(seed))
+        ids, logp, sample = outcome_targets(logits, top_k, torch.Generator(device=logits.device).manual_seed(seed))
         device = batch["x"].device
         return {DENSE_IDS: ids.to(device), DENSE_LOGP: logp.to(device), DENSE_SAMPLE: sample.to(device)}
 

@@ -9,7 +9,7 @@ import torch
 import icbs
 from icbs import runner
 from icbs.config import load_config
-from icbs.evaluation import coarse_kl, distillation_loss, sample_outcomes, top_k_log_probs
+from icbs.evaluation import coarse_kl, distillation_loss, outcome_targets
 from icbs.exceptions import ConfigError
 from icbs.models.causal_lm import CausalLMAdapter
 from icbs.models.classifier import ClassifierAdapter
@@ -17,6 +17,16 @@ from icbs.pool import SamplePool, calibration_loss
 from icbs.targets import DENSE_IDS, DENSE_LOGP, DENSE_SAMPLE, with_dense_targets
 
 transformers = pytest.importorskip("transformers")
+
+
+def top_k_log_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k part of :func:`outcome_targets`."""
+    return outcome_targets(logits, k, torch.Generator().manual_seed(0))[:2]
+
+
+def sample_outcomes(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The sampled part of :func:`outcome_targets`."""
+    return outcome_targets(logits, 1, generator)[2]
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
