@@ -157,7 +157,9 @@ def _icbs_rows(bench: _Bench, cfg: icbs.IcbsConfig, sparsity: str, budgets_s: li
     clock = {"elapsed": 0.0, "step": 0}
     rows: list[dict[str, Any]] = []
     targets = "" if cfg.calibration.targets == "labels" else f", targets {cfg.calibration.targets}"
-    label = f"icbs[{cfg.scoring.init_method}{targets}]"
+    pool = cfg.calibration.n_samples - cfg.calibration.n_validation
+    init_part = f", init on {cfg.scoring.init_n_samples} of {pool}" if cfg.scoring.init_n_samples else ""
+    label = f"icbs[{cfg.scoring.init_method}{init_part}{targets}]"
 
     def progress(elapsed: float, budget: float | None, step: int) -> None:
         clock["elapsed"], clock["step"] = elapsed, step

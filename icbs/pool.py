@@ -55,6 +55,11 @@ def calibration_loss(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], 
     return total / max(count, 1)
 
 
+def _rebatch(samples: Mapping[str, Tensor], stop: int, per_batch: int) -> list[dict[str, Tensor]]:
+    """Samples ``0 .. stop - 1`` of one concatenated batch, cut into batches of ``per_batch``."""
+    return [index_batch(samples, torch.arange(i, min(i + per_batch, stop))) for i in range(0, stop, per_batch)]
+
+
 class SamplePool:
     """All calibration samples, and the seeded draws of each round.
 
@@ -80,7 +85,7 @@ class SamplePool:
                 raise ValueError(f"'calibration.n_validation' ({n_validation}) should be below the "
                                  f"{total} calibration samples")
             fit = total - n_validation
-            self.batches = [index_batch(samples, torch.arange(i, min(i + per_batch, fit))) for i in range(0, fit, per_batch)]
+            self.batches = _rebatch(samples, fit, per_batch)
             self.validation = [index_batch(samples, torch.arange(fit, total))]
         self.samples = concat_batches(self.batches)
         self.size = batch_size(self.samples)
@@ -89,9 +94,17 @@ class SamplePool:
         self.n_per_step = min(int(n_per_step), self.size)
         self.estimate_on_labels = bool(estimate_on_labels)
 
-    def device_batches(self) -> list[dict[str, Tensor]]:
-        """Every calibration batch on the model's device."""
-        return [batch_to(b, self.device) for b in self.batches]
+    def device_batches(self, n: int = 0) -> list[dict[str, Tensor]]:
+        """The batches of :meth:`head` (every estimation batch by default) on the model's device."""
+        return [batch_to(b, self.device) for b in self.head(n)]
+
+    def head(self, n: int) -> list[dict[str, Tensor]]:
+        """The first ``n`` estimation samples in batches of the pool's size (``0``: every batch)."""
+        if n > self.size:
+            raise ValueError(f"'scoring.init_n_samples' ({n}) should be at most the {self.size} estimation samples")
+        if n <= 0 or n == self.size:
+            return list(self.batches)
+        return _rebatch(self.samples, n, batch_size(self.batches[0]))
 
     def step_indices(self, first_step: int) -> np.ndarray:
         """Sorted indices of the samples the round starting at ``first_step`` estimates on."""

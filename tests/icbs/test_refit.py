@@ -140,6 +140,35 @@ def test_bcd_refitting_init_starts_from_its_refitted_weights(mlp_problem, make_c
     assert losses[init] < losses["magnitude"]
 
 
+@pytest.mark.parametrize("init", ["alps", "wanda"])
+def test_init_n_samples_runs_the_init_on_the_first_samples_only(mlp_problem, make_config, init):
+    """``scoring.init_n_samples``: the init on a 64-sample pool equals the init on its first 16 samples alone."""
+    results = {}
+    for label, n_samples, init_n in (("part", 64, 16), ("alone", 16, 0), ("all", 64, 0)):
+        model, calib, loss_fn = mlp_problem(n_samples=64, hidden=16, n_in=8, seed=3)
+        cfg = make_config(scoring={"init_method": init, "init_n_samples": init_n}, blocks={"block_size": 8, "k": 4},
+                          calibration={"n_samples": n_samples}, bcd={"max_steps": 0})
+        icbs.prune(model, cfg, calib[: n_samples // 8], loss_fn)
+        results[label] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, weight in results["alone"].items():
+        assert torch.equal(results["part"][name], weight), name
+    assert any(not torch.equal(results["all"][n], w) for n, w in results["alone"].items())
+
+
+def test_init_n_samples_above_the_estimation_split_is_a_config_error():
+    from icbs.config import load_config
+    from icbs.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="'scoring.init_n_samples'.*48 estimation samples"):
+        load_config(None, overrides=["calibration.n_samples=64", "calibration.n_validation=16",
+                                     "scoring.init_n_samples=49"])
+    cfg = load_config(None, overrides=["calibration.n_samples=64", "calibration.n_validation=16",
+                                       "scoring.init_n_samples=48"])
+    assert cfg.scoring.init_n_samples == 48
+    with pytest.raises(ConfigError, match="'scoring.init_n_samples'"):
+        load_config(None, overrides=["scoring.init_n_samples=-1"])
+
+
 def test_bcd_patience_stops_after_rounds_in_a_row_that_kept_nothing(mlp_problem, make_config):
     model, calib, loss_fn = mlp_problem(seed=2, n_samples=64)
     records = []
