@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 import icbs  # noqa: E402
 from icbs.baselines import BASELINE_METHODS, run_baseline  # noqa: E402
+from icbs.batching import concat_batches, index_batch  # noqa: E402
 from icbs.data import build_data, tokenize_text  # noqa: E402
 from icbs.models import load_model  # noqa: E402
 from icbs.pool import calibration_loss  # noqa: E402
@@ -88,12 +89,18 @@ def _pattern(sparsity: str) -> tuple[float, str]:
 class _Bench:
     """The model loaded once; dense weights kept aside so every row starts from the same dense model."""
 
-    def __init__(self, cfg: icbs.IcbsConfig, n_eval: int, eval_len: int) -> None:
+    def __init__(self, cfg: icbs.IcbsConfig, n_eval: int, eval_len: int, loss_windows: int = 0) -> None:
         start = time.perf_counter()
         self.loaded = load_model(cfg.model)
         self.load_s = time.perf_counter() - start
         self.model, self.adapter = self.loaded.model, self.loaded.adapter
         self.calibration, pydoc = build_data(cfg.calibration, cfg.eval, self.loaded)
+        # The table's calibration loss: on the first ``loss_windows`` windows, which every pool size shares.
+        self.loss_batches = self.calibration
+        if loss_windows:
+            windows = concat_batches(self.calibration)
+            self.loss_batches = [index_batch(windows, torch.arange(i, min(i + 8, loss_windows)))
+                                 for i in range(0, loss_windows, 8)]
         tokens = tokenize_text(docstring_corpus(), self.loaded.tokenizer)
         n_windows = min(n_eval, tokens.numel() // eval_len)  # consecutive windows from the start of the corpus
         windows = tokens[: n_windows * eval_len].view(n_windows, eval_len)
@@ -120,7 +127,7 @@ class _Bench:
         start = time.perf_counter()
         out = {f"ppl_{name}": float(self.adapter.evaluate(self.model, batches)["perplexity"])
                for name, batches in self.texts.items()}
-        out["calibration_loss"] = calibration_loss(self.model, self.calibration, self.adapter.per_sample_loss,
+        out["calibration_loss"] = calibration_loss(self.model, self.loss_batches, self.adapter.per_sample_loss,
                                                    torch.device("cpu"))
         kept = sum(int((m.weight != 0).sum()) for m in self.layers.values())
         out["density"] = kept / sum(m.weight.numel() for m in self.layers.values())
@@ -257,6 +264,9 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/llm_results.json")
     parser.add_argument("--plot", default="docs/llm_curve.png")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--loss-windows", type=int, default=0,
+                        help="measure the calibration loss on the first N calibration windows (default all): with a "
+                             "large pool, the windows every row shares, and a cheaper measurement")
     parser.add_argument("--report", metavar="JSON", help="print the table of a saved run (and re-draw its plot)")
     args = parser.parse_args()
     if args.report:
@@ -270,7 +280,10 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     cfg = icbs.load_config(args.config, overrides=args.set)
-    bench = _Bench(cfg, cfg.eval.n_samples, cfg.eval.seq_len)
+    if not 0 <= args.loss_windows <= cfg.calibration.n_samples:
+        parser.error(f"--loss-windows should be in [0, calibration.n_samples = {cfg.calibration.n_samples}]; "
+                     f"got {args.loss_windows}")
+    bench = _Bench(cfg, cfg.eval.n_samples, cfg.eval.seq_len, args.loss_windows)
     out: dict[str, Any] = {
         "settings": cfg.to_dict(), "threads": args.threads, "machine": platform.machine(), "sparsities": args.sparsities,
         "n_layers": len(bench.layers), "load_s": bench.load_s, "started": time.strftime("%Y-%m-%d %H:%M"),
