@@ -36,7 +36,7 @@ from icbs.executors import Executor, make_executor
 from icbs.initialise import DenseStatistics, dense_statistics, initialise_masks
 from icbs.models.base import model_device
 from icbs.moves import Move, apply_answer, build_job, changed_entries, solve_jobs, undo_moves
-from icbs.pool import SamplePool, calibration_loss, check_calibration
+from icbs.pool import SamplePool, check_calibration
 from icbs.preflight import check_arguments, pruning_state, resolve_solver
 from icbs.records import EvalRecord, PruneResult, RunHooks, RunLog, SolverStats, StepRecord
 from icbs.refit import Refitter, RowRefit, refit_state
@@ -89,7 +89,7 @@ class _Driver:
             return self.load(saved)
         initialise_masks(self.model, self.layers, self.state, self.pool, self.loss_fn, self.cfg, self.stats)
         log = self.log
-        log.init_loss = calibration_loss(self.model, self.pool.batches, self.loss_fn, self.pool.device)
+        log.init_loss = self.pool.reported_loss(self.model, self.loss_fn)
         if not math.isfinite(log.init_loss):
             logger.warning("calibration loss after init is %s; check loss_fn", log.init_loss)
         log.timings["init_s"] = time.perf_counter() - mark
@@ -253,7 +253,7 @@ class _Driver:
             if not self.start(saved):
                 self.run()
                 self.finish()
-            final_loss = calibration_loss(self.model, self.pool.batches, self.loss_fn, self.pool.device)
+            final_loss = self.pool.reported_loss(self.model, self.loss_fn)
             final_metrics = self.evaluate(force=True)
             self.save(finished=True)
             log = self.log
@@ -344,7 +344,6 @@ def prune(
     chosen = {name: state[name].module for name in state}
     solver = resolve_solver(config, solver)
     saved = ckpt.load_checkpoint(path) if resume and path is not None else None
-    pool = SamplePool(batches, model_device(model), config.bcd.seed, config.derivatives.n_samples,
-                      config.calibration.n_validation, estimate_on_labels=config.calibration.targets == "dense_check")
+    pool = SamplePool.from_config(batches, model_device(model), config)
     driver = _Driver(model, config, pool, loss_fn, chosen, state, solver, hooks)
     return driver.execute(saved)

@@ -48,8 +48,7 @@ def dense_statistics(model: nn.Module, layers: Mapping[str, nn.Module], pool: Sa
     """Collect only the statistics this config uses, from the dense model."""
     stats = DenseStatistics()
     if "wanda" in (cfg.scoring.init_method, cfg.scoring.selection_method):
-        stats.act_norms = collect_activation_norms(model, layers, pool.device_batches(cfg.scoring.init_n_samples),
-                                                   loss_fn)
+        stats.act_norms = collect_activation_norms(model, layers, pool.device_batches(init=True), loss_fn)
     if cfg.derivatives.estimator == "layerwise" or cfg.bcd.refit != "none":
         stats.layer_inputs = collect_layer_inputs(model, layers, pool.device_batches(), loss_fn)
         key = "bcd.refit_damping" if cfg.bcd.refit != "none" else "derivatives.estimator"
@@ -62,7 +61,7 @@ def _refitting_init(method: str, model: nn.Module, layers: Mapping[str, nn.Modul
                     pool: SamplePool, loss_fn: LossFn, cfg: IcbsConfig) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Masks and re-fitted kept values of a weight-refitting baseline; the model gets its dense weights back."""
     masks = run_baseline(
-        method, model, layers, pool.head(cfg.scoring.init_n_samples), loss_fn, density=state.pattern.density,
+        method, model, layers, pool.init_batches, loss_fn, density=state.pattern.density,
         pattern=cfg.pruning.pattern, seed=cfg.bcd.seed, damping_frac=cfg.scoring.init_damping_frac,
     )
     masks = {name: masks[name].bool() for name in layers}
@@ -84,8 +83,7 @@ def initialise_masks(model: nn.Module, layers: Mapping[str, nn.Module], state: P
         method = "magnitude"
     else:
         method = scoring.init_method
-    grads = (collect_gradients(model, layers, pool.device_batches(scoring.init_n_samples), loss_fn)
-             if method == "gradient" else None)
+    grads = collect_gradients(model, layers, pool.device_batches(init=True), loss_fn) if method == "gradient" else None
     generator = torch.Generator().manual_seed(step_seed(cfg.bcd.seed, 0, stream=Stream.INIT_SCORES))
     scores = layer_scores(method, scoring.init_scope, state, list(layers), act_norms=stats.act_norms, grads=grads,
                           generator=generator)

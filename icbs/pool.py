@@ -11,6 +11,7 @@ check and the run's reports compare.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from torch import Tensor, nn
 from icbs.batching import batch_size, batch_to, concat_batches, index_batch
 from icbs.schedule import Stream, step_rng
 from icbs.targets import check_targets, without_dense_targets
+
+if TYPE_CHECKING:
+    from icbs.config import IcbsConfig
 
 __all__ = ["SamplePool", "calibration_loss", "check_calibration"]
 
@@ -69,13 +73,15 @@ class SamplePool:
         seed: ``bcd.seed``.
         n_per_step: samples per round (``derivatives.n_samples``; capped at the pool's size).
         n_validation: samples held out at the end as the validation split.
+        n_init: the first samples of the estimation split that the init reads and the reported
+            calibration loss averages (``scoring.init_n_samples``; 0 = all).
         estimate_on_labels: drop the dense-model targets from the rounds' estimation batches, so the
             estimates follow the labels while the round check and the reported losses read the KL to the
             dense model (``calibration.targets: dense_check``).
     """
 
     def __init__(self, calibration: Sequence[Mapping[str, Tensor]], device: torch.device, seed: int,
-                 n_per_step: int, n_validation: int = 0, *, estimate_on_labels: bool = False) -> None:
+                 n_per_step: int, n_validation: int = 0, *, n_init: int = 0, estimate_on_labels: bool = False) -> None:
         self.batches = [dict(b) for b in calibration]
         self.validation: list[dict[str, Tensor]] = []
         if n_validation:
@@ -93,10 +99,25 @@ class SamplePool:
         self.seed = int(seed)
         self.n_per_step = min(int(n_per_step), self.size)
         self.estimate_on_labels = bool(estimate_on_labels)
+        self.init_batches = self.head(int(n_init))
 
-    def device_batches(self, n: int = 0) -> list[dict[str, Tensor]]:
-        """The batches of :meth:`head` (every estimation batch by default) on the model's device."""
-        return [batch_to(b, self.device) for b in self.head(n)]
+    @classmethod
+    def from_config(cls, calibration: Sequence[Mapping[str, Tensor]], device: torch.device,
+                    config: IcbsConfig) -> SamplePool:
+        """The pool of a run of ``config`` (bcd.seed, derivatives.n_samples, calibration and scoring keys)."""
+        return cls(calibration, device, config.bcd.seed, config.derivatives.n_samples, config.calibration.n_validation,
+                   n_init=config.scoring.init_n_samples, estimate_on_labels=config.calibration.targets == "dense_check")
+
+    def reported_loss(self, model: nn.Module, loss_fn: LossFn) -> float:
+        """The calibration loss a run reports after its init and at its end: over :attr:`init_batches`.
+
+        With a pool of hundreds of samples this keeps the two reports from costing more than the init.
+        """
+        return calibration_loss(model, self.init_batches, loss_fn, self.device)
+
+    def device_batches(self, init: bool = False) -> list[dict[str, Tensor]]:
+        """Every estimation batch, or with ``init`` the init's (:attr:`init_batches`), on the model's device."""
+        return [batch_to(b, self.device) for b in (self.init_batches if init else self.batches)]
 
     def head(self, n: int) -> list[dict[str, Tensor]]:
         """The first ``n`` estimation samples in batches of the pool's size (``0``: every batch)."""

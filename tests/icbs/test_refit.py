@@ -169,6 +169,29 @@ def test_init_n_samples_above_the_estimation_split_is_a_config_error():
         load_config(None, overrides=["scoring.init_n_samples=-1"])
 
 
+def test_init_n_samples_above_the_passed_calibration_raises_before_the_model_changes(mlp_problem, make_config,
+                                                                                     snapshot, assert_unchanged):
+    model, calib, loss_fn = mlp_problem(n_samples=32)
+    saved = snapshot(model)
+    cfg = make_config(scoring={"init_method": "alps", "init_n_samples": 40}, calibration={"n_samples": 64})
+    with pytest.raises(ValueError, match="'scoring.init_n_samples' \\(40\\).*32 estimation samples"):
+        icbs.prune(model, cfg, calib, loss_fn)
+    assert_unchanged(model, saved)
+
+
+def test_reported_losses_average_the_init_samples(mlp_problem, make_config):
+    """With ``init_n_samples`` the report's init and final losses are over the init's samples, not the pool."""
+    from icbs.pool import calibration_loss
+
+    model, calib, loss_fn = mlp_problem(n_samples=64, seed=5)
+    cfg = make_config(scoring={"init_n_samples": 16}, calibration={"n_samples": 64}, bcd={"max_steps": 4})
+    result = icbs.prune(model, cfg, calib, loss_fn)
+    assert result.report.final_loss == pytest.approx(calibration_loss(model, calib[:2], loss_fn, torch.device("cpu")),
+                                                     rel=1e-12)
+    assert result.report.final_loss != pytest.approx(calibration_loss(model, calib, loss_fn, torch.device("cpu")),
+                                                     rel=1e-6)
+
+
 def test_bcd_patience_stops_after_rounds_in_a_row_that_kept_nothing(mlp_problem, make_config):
     model, calib, loss_fn = mlp_problem(seed=2, n_samples=64)
     records = []
