@@ -99,7 +99,7 @@ class SamplePool:
         self.seed = int(seed)
         self.n_per_step = min(int(n_per_step), self.size)
         self.estimate_on_labels = bool(estimate_on_labels)
-        self.init_batches = self.head(int(n_init))
+        self.init_batches = self._head(int(n_init))
 
     @classmethod
     def from_config(cls, calibration: Sequence[Mapping[str, Tensor]], device: torch.device,
@@ -119,7 +119,7 @@ class SamplePool:
         """Every estimation batch, or with ``init`` the init's (:attr:`init_batches`), on the model's device."""
         return [batch_to(b, self.device) for b in (self.init_batches if init else self.batches)]
 
-    def head(self, n: int) -> list[dict[str, Tensor]]:
+    def _head(self, n: int) -> list[dict[str, Tensor]]:
         """The first ``n`` estimation samples in batches of the pool's size (``0``: every batch)."""
         if n > self.size:
             raise ValueError(f"'scoring.init_n_samples' ({n}) should be at most the {self.size} estimation samples")

@@ -157,8 +157,8 @@ class PruneSummary:
         timings: seconds per phase (:data:`TIMING_KEYS`).
         solver: :class:`SolverStats`.
         estimator: ``derivatives.estimator``.
-        init_loss: calibration loss after the init.
-        final_loss: calibration loss at the end.
+        init_loss: calibration loss after the init (over the init's samples, ``scoring.init_n_samples``).
+        final_loss: calibration loss at the end (over the same samples).
         init_metrics: the evaluation right after the init (``None`` without an evaluate callable).
         final_metrics: the evaluation at the end.
         evaluations: every evaluation as a ``metric_vs_time`` row.
@@ -237,7 +237,7 @@ class RunLog:
         cursor: the position in the layer schedule and the move counters.
         history: one :class:`StepRecord` per step.
         evaluations: every :class:`EvalRecord`.
-        init_loss: calibration loss after the init.
+        init_loss: calibration loss after the init (over the init's samples, ``scoring.init_n_samples``).
         init_metrics: the evaluation right after the init.
         stop_reason: why the loop ended (``None`` while it runs).
         timings: seconds per phase (:data:`TIMING_KEYS`).
