@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 import icbs  # noqa: E402
 from icbs.baselines import BASELINE_METHODS, run_baseline  # noqa: E402
-from icbs.batching import concat_batches, index_batch  # noqa: E402
+from icbs.batching import concat_batches, index_batch, split_batch  # noqa: E402
 from icbs.data import build_data, tokenize_text  # noqa: E402
 from icbs.models import load_model  # noqa: E402
 from icbs.pool import calibration_loss  # noqa: E402
@@ -98,9 +98,8 @@ class _Bench:
         # The table's calibration loss: on the first ``loss_windows`` windows, which every pool size shares.
         self.loss_batches = self.calibration
         if loss_windows:
-            windows = concat_batches(self.calibration)
-            self.loss_batches = [index_batch(windows, torch.arange(i, min(i + 8, loss_windows)))
-                                 for i in range(0, loss_windows, 8)]
+            windows = index_batch(concat_batches(self.calibration), slice(0, loss_windows))
+            self.loss_batches = split_batch(windows, cfg.calibration.batch_size)
         tokens = tokenize_text(docstring_corpus(), self.loaded.tokenizer)
         n_windows = min(n_eval, tokens.numel() // eval_len)  # consecutive windows from the start of the corpus
         windows = tokens[: n_windows * eval_len].view(n_windows, eval_len)

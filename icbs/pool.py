@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from icbs.batching import batch_size, batch_to, concat_batches, index_batch
+from icbs.batching import batch_size, batch_to, concat_batches, index_batch, split_batch
 from icbs.schedule import Stream, step_rng
 from icbs.targets import check_targets, without_dense_targets
 
@@ -59,11 +59,6 @@ def calibration_loss(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], 
     return total / max(count, 1)
 
 
-def _rebatch(samples: Mapping[str, Tensor], stop: int, per_batch: int) -> list[dict[str, Tensor]]:
-    """Samples ``0 .. stop - 1`` of one concatenated batch, cut into batches of ``per_batch``."""
-    return [index_batch(samples, torch.arange(i, min(i + per_batch, stop))) for i in range(0, stop, per_batch)]
-
-
 class SamplePool:
     """All calibration samples, and the seeded draws of each round.
 
@@ -91,7 +86,7 @@ class SamplePool:
                 raise ValueError(f"'calibration.n_validation' ({n_validation}) should be below the "
                                  f"{total} calibration samples")
             fit = total - n_validation
-            self.batches = _rebatch(samples, fit, per_batch)
+            self.batches = split_batch(index_batch(samples, slice(0, fit)), per_batch)
             self.validation = [index_batch(samples, torch.arange(fit, total))]
         self.samples = concat_batches(self.batches)
         self.size = batch_size(self.samples)
@@ -125,7 +120,7 @@ class SamplePool:
             raise ValueError(f"'scoring.init_n_samples' ({n}) should be at most the {self.size} estimation samples")
         if n <= 0 or n == self.size:
             return list(self.batches)
-        return _rebatch(self.samples, n, batch_size(self.batches[0]))
+        return split_batch(index_batch(self.samples, slice(0, n)), batch_size(self.batches[0]))
 
     def step_indices(self, first_step: int) -> np.ndarray:
         """Sorted indices of the samples the round starting at ``first_step`` estimates on."""
