@@ -64,7 +64,7 @@ class _Driver:
         self.log = RunLog(Cursor(), SolverStats(solver.name))
         self.clock = Clock()
         self.stats = DenseStatistics()
-        self.check = RoundCheck(cfg.bcd.check, model, loss_fn, pool)
+        self.check = RoundCheck(cfg.bcd.check, model, loss_fn, pool, cfg.bcd.check_z)
         self.executor: Executor = make_executor(cfg.bcd.executor, cfg.bcd.workers, cfg.bcd.ray_address)
         self.chooser: BlockChooser | None = None
         self.refitter: Refitter | None = None
@@ -198,7 +198,7 @@ class _Driver:
         self.log.cursor.n_undone_rounds += 1
         for record in records:
             record.undone, record.accepted = record.accepted, False
-        logger.info("round at step %d undone: %s loss rose from %.6g to %.6g", records[0].step, self.check.mode,
+        logger.info("round at step %d undone: %s loss %.6g -> %.6g", records[0].step, self.check.mode,
                     before, after)
 
     # ------------------------------------------------------------------ evaluation and events

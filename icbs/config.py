@@ -515,6 +515,10 @@ class BcdConfig:
     small; docs/BENCHMARKS.md has the measurement). ``patience`` stops the run (reason ``"patience"``)
     after that many rounds in a row kept no move: with ``check: validation`` that is the early stop on
     the validation split, once its loss has stopped falling; ``null`` never stops for that.
+    ``check_z`` asks more of a round: its mean per-sample change on the checked samples plus that many
+    standard errors must be ≤ 0 (a one-sided paired test; 1.645 is the 5 % level). Rounds whose fall is
+    within the noise are undone, so with ``patience`` a long run stops once it would only fit the pool's
+    noise; 0 passes any round whose loss did not rise.
     ``refit`` re-fits kept weights by damped least squares on each layer's reconstruction objective
     (DESIGN.md §9): ``"none"``, ``"end"`` (once, after the loop) or ``"rounds"`` (the rows each round's
     moves touched, before the round check, so later blocks see current values). ``workers`` solves that
@@ -529,6 +533,7 @@ class BcdConfig:
     blocks_per_round: int = 1
     check: str = "calibration"
     patience: int | None = None
+    check_z: float = 0.0
     workers: int = 1
     executor: str = "thread"
     ray_address: str | None = None
@@ -546,6 +551,7 @@ class BcdConfig:
         _positive("bcd.blocks_per_round", self.blocks_per_round)
         _choice("bcd.check", self.check, CHECK_MODES)
         _positive("bcd.patience", self.patience, allow_none=True)
+        _positive("bcd.check_z", self.check_z, allow_zero=True)
         _positive("bcd.workers", self.workers)
         _choice("bcd.executor", self.executor, EXECUTORS)
         _choice("bcd.refit", self.refit, REFIT_MODES)

@@ -24,7 +24,7 @@ from icbs.targets import check_targets, without_dense_targets
 if TYPE_CHECKING:
     from icbs.config import IcbsConfig
 
-__all__ = ["SamplePool", "calibration_loss", "check_calibration"]
+__all__ = ["SamplePool", "calibration_loss", "check_calibration", "mean_loss", "sample_losses"]
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 
@@ -47,16 +47,26 @@ def check_calibration(calibration: object, targets: str = "labels") -> list[dict
     return [dict(b) for b in calibration]
 
 
+def sample_losses(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], loss_fn: LossFn,
+                  device: torch.device) -> list[Tensor]:
+    """Per-sample losses of ``model`` over ``batches`` (moved to ``device``): one float64 CPU vector per batch."""
+    with torch.no_grad():
+        return [loss_fn(model, batch_to(batch, device)).detach().double().cpu() for batch in batches]
+
+
+def mean_loss(losses: Sequence[Tensor]) -> float:
+    """The mean of :func:`sample_losses`' vectors, accumulated batch by batch in float64."""
+    total, count = 0.0, 0
+    for vector in losses:
+        total += float(vector.sum())
+        count += int(vector.shape[0])
+    return total / max(count, 1)
+
+
 def calibration_loss(model: nn.Module, batches: Sequence[Mapping[str, Tensor]], loss_fn: LossFn,
                      device: torch.device) -> float:
     """Mean per-sample loss of ``model`` over ``batches`` (moved to ``device``), accumulated in float64."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            losses = loss_fn(model, batch_to(batch, device))
-            total += float(losses.double().sum())
-            count += int(losses.shape[0])
-    return total / max(count, 1)
+    return mean_loss(sample_losses(model, batches, loss_fn, device))
 
 
 class SamplePool:

@@ -89,6 +89,8 @@ def test_config_bool_is_not_an_int():
         ({"bcd": {"time_budget": -5}}, "bcd.time_budget"),
         ({"bcd": {"workers": 0}}, "bcd.workers"),
         ({"bcd": {"check": "holdout"}}, "bcd.check"),
+        ({"bcd": {"check_z": -1.0}}, "bcd.check_z"),
+        ({"bcd": {"check_z": float("inf")}}, "bcd.check_z"),
         ({"model": {"builtin": "mnist_mlp", "include": ["(unclosed"]}}, "model.include"),
         ({"model": {"builtin": "mnist_mlp", "device": "gpu"}}, "model.device"),
         ({"model": {"builtin": None, "path": None}}, "model.path"),

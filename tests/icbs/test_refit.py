@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -204,3 +206,45 @@ def test_bcd_patience_stops_after_rounds_in_a_row_that_kept_nothing(mlp_problem,
     assert [r.accepted for r in records[-3:]] == [False] * 3
     kept_runs = "".join("k" if r.accepted else "." for r in records)
     assert "..." not in kept_runs[:-3]  # it stopped at the first three stale rounds in a row
+
+
+def _round_check_with_losses(before, after, z):
+    """A validation RoundCheck whose per-sample losses are ``before`` and then ``after``."""
+    from types import SimpleNamespace
+
+    from icbs.round_check import RoundCheck
+
+    pool = SimpleNamespace(validation=[{}], batches=[{}], device=torch.device("cpu"))
+    check = RoundCheck("validation", None, None, pool, z=z)
+    answers = iter([[torch.tensor(before, dtype=torch.float64)], [torch.tensor(after, dtype=torch.float64)]])
+    check._losses = lambda batches: next(answers)
+    check_on, mean_before = check.before(0, {}, math.nan)
+    return check.passes(check_on, mean_before)
+
+
+def test_round_check_z_asks_for_a_fall_beyond_the_noise():
+    before = [1.0, 1.0, 1.0, 1.0]
+    noisy = [0.9, 1.1, 0.95, 1.0]  # mean change -0.0125, standard error 0.0427
+    clear = [0.9, 0.91, 0.89, 0.9]  # mean change -0.1, standard error 0.0041
+    assert _round_check_with_losses(before, noisy, z=0.0)[0]
+    # The boundary: the change passes exactly when z <= 0.0125 / 0.0427 = 0.293.
+    error = float(torch.tensor(noisy, dtype=torch.float64).sub(1.0).std()) / 2
+    assert _round_check_with_losses(before, noisy, z=0.99 * 0.0125 / error)[0]
+    assert not _round_check_with_losses(before, noisy, z=1.01 * 0.0125 / error)[0]
+    assert _round_check_with_losses(before, clear, z=1.645) == (True, pytest.approx(0.9))
+    assert not _round_check_with_losses(before, [1.0, 1.0, 1.0, 1.01], z=0.0)[0]  # a rise fails at any z
+
+
+def test_bcd_check_z_undoes_rounds_within_the_noise(mlp_problem, make_config):
+    """A strict check_z undoes rounds that z = 0 keeps, the loss still falls; a huge z keeps nothing."""
+    reports = {}
+    for z in (0.0, 1.645, 1e9):
+        model, calib, loss_fn = mlp_problem(seed=5, n_samples=64)
+        cfg = make_config(calibration={"n_validation": 16}, derivatives={"estimator": "fisher", "n_samples": 8},
+                          bcd={"max_steps": 5000, "check": "validation", "patience": 3, "check_z": z})
+        reports[z] = icbs.prune(model, cfg, calib, loss_fn).report
+    assert reports[1.645].undone_rounds > reports[0.0].undone_rounds
+    assert reports[1.645].accepted < reports[0.0].accepted
+    assert reports[1.645].final_loss < reports[1.645].init_loss
+    assert reports[1e9].accepted == 0
+    assert reports[1e9].final_loss == pytest.approx(reports[1e9].init_loss, rel=1e-12)
