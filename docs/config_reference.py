@@ -79,6 +79,7 @@ DESCRIPTIONS: dict[str, str] = {
     "bcd.check": "where a round must not raise the loss or is undone: `validation` (the `calibration.n_validation` split, never fitted on), `calibration` (every calibration "
     "sample; the calibration loss never rises), `fresh` (a random batch apart from the one the moves "
     "were fitted on), `batch` (the fitting batch: cheapest, but the loss drifts up late in long runs)",
+    "bcd.check_z": "a round is kept only when its mean per-sample loss change on the checked samples plus this many standard errors is ≤ 0 (a one-sided paired test; 1.645 = the 5 % level); 0 keeps any round whose loss did not rise",
     "bcd.patience": "stop (reason `patience`) after this many rounds in a row kept no move: with `check: validation` the early stop once the validation loss stops falling; `null` = never",
     "bcd.workers": "block solves of a round run at the same time (masks do not depend on it)",
     "bcd.executor": "where those solves run: `thread` (a local pool) or `ray` (a Ray cluster)",
