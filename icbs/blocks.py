@@ -90,7 +90,8 @@ def select_block(
     available = (ls.free_mask() & ~ls.tabu_mask()).reshape(-1)
     keep = ls.keep_mask.reshape(-1)
     flat_scores = scores.to(device).reshape(-1).float()
-    kind = state.pattern.kind
+    pattern = state.pattern_of(layer)
+    kind = pattern.kind
     if kind == "unstructured":
         pruned = torch.nonzero(available & ~keep).squeeze(1)
         kept = torch.nonzero(available & keep).squeeze(1)
@@ -105,7 +106,7 @@ def select_block(
             ]
         )
         return torch.sort(chosen).values.cpu()
-    length = state.pattern.group_length(ls.shape)
+    length = pattern.group_length(ls.shape)
     avail = available.view(-1, length)
     keep_g = keep.view(-1, length)
     s = flat_scores.view(-1, length)

@@ -2,7 +2,10 @@
 
 :func:`find_prunable` picks the ``nn.Linear`` modules of a model by name patterns, leaving out the output
 heads (:func:`output_heads`) unless an ``include`` pattern names them; :func:`check_layers` validates a
-user-given ``{name: module}`` mapping before any work starts. A layer's weight is viewed as ``(n_out, n_in)``; flat indices are row-major.
+user-given ``{name: module}`` mapping before any work starts. :func:`block_list` finds a model's repeated
+blocks (the transformer layers of an ``nn.ModuleList``) and :func:`group_by_block` groups the pruned layers
+by the block they sit in: the sequential SparseGPT/ALPS driver and the OWL allocation share that rule. A
+layer's weight is viewed as ``(n_out, n_in)``; flat indices are row-major.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from collections.abc import Collection, Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["HEAD_NAMES", "output_heads", "find_prunable", "check_layers"]
+__all__ = ["HEAD_NAMES", "output_heads", "find_prunable", "check_layers", "block_list", "block_prefixes",
+           "group_by_block"]
 
 #: Last name parts of ``nn.Linear`` modules that are output heads (Hugging Face's names).
 HEAD_NAMES = ("lm_head", "classifier", "head", "score")
@@ -128,3 +132,39 @@ def check_layers(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str,
             raise TypeError(f"layer {name!r} has a non-floating weight ({module.weight.dtype}); it cannot be pruned")
         seen.add(id(module))
     return dict(layers)
+
+
+def block_prefixes(list_name: str, n_blocks: int) -> tuple[str, ...]:
+    """Name prefix of every block of the ``nn.ModuleList`` named ``list_name``: ``"model.layers.3."``
+    (``"3."`` when the model itself is the list)."""
+    return tuple(f"{list_name}.{i}." if list_name else f"{i}." for i in range(n_blocks))
+
+
+def block_list(model: nn.Module, layers: Collection[str]) -> tuple[str, nn.ModuleList] | None:
+    """The model's repeated blocks: the ``nn.ModuleList`` whose children hold the most of the layer names
+    ``layers`` (the outermost on ties), as ``(its name, the list)``; ``None`` when no list holds any."""
+    best: tuple[str, nn.ModuleList] | None = None
+    best_count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        prefixes = block_prefixes(name, len(module))
+        count = sum(1 for layer in layers if layer.startswith(prefixes))
+        if count > best_count:
+            best, best_count = (name, module), count
+    return best
+
+
+def group_by_block(model: nn.Module, layers: Collection[str]) -> list[list[str]]:
+    """The layer names grouped by the block of :func:`block_list` they sit in; a layer outside every block
+    (an input projection, an included head, any layer of a model without blocks) is a group of its own.
+
+    Groups and the names inside them keep the order of ``layers``.
+    """
+    found = block_list(model, layers)
+    prefixes = block_prefixes(found[0], len(found[1])) if found is not None else ()
+    groups: dict[str, list[str]] = {}
+    for name in layers:
+        key = next((prefix for prefix in prefixes if name.startswith(prefix)), name)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())

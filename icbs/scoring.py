@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from icbs.config import SCORE_METHODS, SCORE_SCOPES
 from icbs.exceptions import NonFiniteDerivativeError
 from icbs.moments import accumulate_second_moments
-from icbs.state import MaskPattern
+from icbs.state import MaskPattern, layer_patterns
 
 __all__ = [
     "score",
@@ -155,9 +155,14 @@ def init_mask(scores: Tensor, pattern: MaskPattern, scope: str = "per_layer") ->
     return _top_per_line(flat, torch.tensor([total], device=s.device)).reshape(n_out, n_in)
 
 
-def init_masks(scores: Mapping[str, Tensor], pattern: MaskPattern, scope: str = "per_layer") -> dict[str, Tensor]:
-    """:func:`init_mask` for every layer: ``{name: (n_out, n_in) bool}``."""
-    return {name: init_mask(value, pattern, scope) for name, value in scores.items()}
+def init_masks(scores: Mapping[str, Tensor], pattern: MaskPattern | Mapping[str, MaskPattern],
+               scope: str = "per_layer") -> dict[str, Tensor]:
+    """:func:`init_mask` for every layer: ``{name: (n_out, n_in) bool}``.
+
+    ``pattern`` is one for every layer or one per layer (a non-uniform allocation, :mod:`icbs.allocation`).
+    """
+    patterns = layer_patterns(pattern, scores)
+    return {name: init_mask(value, patterns[name], scope) for name, value in scores.items()}
 
 
 def _run_forward(model: nn.Module, batches: Sequence[dict[str, Tensor]], loss_fn: LossFn) -> None:

@@ -5,7 +5,9 @@ fixed-kept sets that leave the candidate pool for good (paper Fig. 2, "fix extre
 list of recently tried flat indices, and the original dense weights ``w0`` so that every move can be
 undone and the model restored. :class:`MaskPattern` says which counts a layer must hold: the whole
 layer (``unstructured``), every output row (``per_output``) or every ``M`` consecutive inputs of a row
-(``N:M``). The state checks these counts after every change (:meth:`PruningState.check_invariants`).
+(``N:M``). Every layer has its own pattern (:meth:`PruningState.pattern_of`): the run's, or the same kind at
+the layer's density from a non-uniform allocation (:mod:`icbs.allocation`). The state checks these counts
+after every change (:meth:`PruningState.check_invariants`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 import logging
 import math
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 from icbs.config import parse_pattern
 from icbs.exceptions import PruningError
 
-__all__ = ["MaskPattern", "LayerState", "PruningState", "round_half_up", "mask_densities"]
+__all__ = ["MaskPattern", "LayerState", "PruningState", "round_half_up", "mask_densities", "layer_patterns"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,23 @@ class MaskPattern:
             return self.n
         return round_half_up(self.density * self.group_length(shape))
 
+    def layer_target(self, shape: tuple[int, int]) -> int:
+        """Weights a layer of ``shape`` keeps in all: its groups times :meth:`group_target`."""
+        return shape[0] * shape[1] // self.group_length(shape) * self.group_target(shape)
+
+    def at_density(self, density: float) -> MaskPattern:
+        """The same pattern at another density (``density`` of a layer from a non-uniform allocation).
+
+        Raises:
+            ValueError: ``density`` is not in (0, 1), or the pattern is N:M (its density is N/M).
+        """
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density < 1:
+            raise ValueError(f"a layer density should be in (0, 1) (the fraction of weights kept); got {density!r}")
+        if self.kind == "nm" and density != self.density:
+            raise ValueError(f"'pruning.allocation' other than 'uniform' does not apply to pattern {str(self)!r} "
+                             "(N:M fixes every group's count)")
+        return dataclasses.replace(self, density=float(density))
+
     def group_of(self, shape: tuple[int, int], flat_index: Tensor) -> Tensor:
         """Group id of every flat index (long tensor of the same shape)."""
         return torch.div(flat_index, self.group_length(shape), rounding_mode="floor")
@@ -111,6 +130,29 @@ class MaskPattern:
         """Kept count of every group of a ``(n_out, n_in)`` keep-mask (1-d long tensor)."""
         shape = (int(keep_mask.shape[0]), int(keep_mask.shape[1]))
         return keep_mask.reshape(-1, self.group_length(shape)).sum(dim=1)
+
+
+def layer_patterns(pattern: MaskPattern | Mapping[str, MaskPattern], names: Iterable[str],
+                   densities: Mapping[str, float] | None = None) -> dict[str, MaskPattern]:
+    """One pattern per layer of ``names``: ``pattern`` itself (or its entry when it is already one per layer),
+    or ``pattern`` at each layer's ``densities[name]``.
+
+    Raises:
+        ValueError: a layer has no pattern or no density, or a density does not fit the pattern
+            (:meth:`MaskPattern.at_density`).
+    """
+    names = list(names)
+    if not isinstance(pattern, MaskPattern):
+        missing = [name for name in names if name not in pattern]
+        if missing:
+            raise ValueError(f"no mask pattern given for layer {missing[0]!r}")
+        return {name: pattern[name] for name in names}
+    if densities is None:
+        return dict.fromkeys(names, pattern)
+    missing = [name for name in names if name not in densities]
+    if missing:
+        raise ValueError(f"no layer density given for layer {missing[0]!r}")
+    return {name: pattern.at_density(densities[name]) for name in names}
 
 
 @dataclasses.dataclass
@@ -185,7 +227,8 @@ class PruningState:
 
     Args:
         layers: ``{name: nn.Linear}`` to prune.
-        pattern: the mask pattern (counts every layer must hold).
+        pattern: the run's mask pattern (counts every layer must hold unless :meth:`set_densities` gives the
+            layers densities of their own).
         tabu_frac: tabu capacity as a fraction of a layer's free weights.
 
     Example:
@@ -199,6 +242,7 @@ class PruningState:
         self.pattern = pattern
         self.tabu_frac = float(tabu_frac)
         self.layers: dict[str, LayerState] = {}
+        self._patterns: dict[str, MaskPattern] = dict.fromkeys(layers, pattern)
         for name, module in layers.items():
             weight = module.weight
             if weight.dim() != 2:
@@ -226,11 +270,28 @@ class PruningState:
     def __len__(self) -> int:
         return len(self.layers)
 
+    def pattern_of(self, name: str) -> MaskPattern:
+        """The pattern layer ``name`` holds: the run's, at the layer's own density after :meth:`set_densities`."""
+        return self._patterns[name]
+
+    def layer_densities(self) -> dict[str, float]:
+        """Every layer's pattern density (the run's density for all of them unless :meth:`set_densities` was called)."""
+        return {name: pattern.density for name, pattern in self._patterns.items()}
+
+    def set_densities(self, densities: Mapping[str, float]) -> None:
+        """Give every layer its own density (the run's pattern kind); call it before the masks are set.
+
+        Raises:
+            ValueError: a layer is missing, or a density does not fit the pattern or the layer's shape.
+        """
+        patterns = layer_patterns(self.pattern, self.layers, densities)
+        for name, pattern in patterns.items():
+            pattern.check_layer(name, self.layers[name].shape)
+        self._patterns = patterns
+
     def target_kept(self, name: str) -> int:
         """Kept weights layer ``name`` must hold."""
-        layer = self.layers[name]
-        n_groups = layer.size // self.pattern.group_length(layer.shape)
-        return n_groups * self.pattern.group_target(layer.shape)
+        return self.pattern_of(name).layer_target(self.layers[name].shape)
 
     def set_masks(self, keep_masks: Mapping[str, Tensor]) -> None:
         """Set every layer's keep-mask (clears fixed sets and tabu lists); counts must be exact.
@@ -365,7 +426,7 @@ class PruningState:
         layer = self.layers[name]
         flat_cpu = flat_index.detach().cpu().long()
         pruned = (~layer.keep_mask.view(-1)[flat_index.to(layer.keep_mask.device)]).cpu().numpy()
-        group = self.pattern.group_of(layer.shape, flat_cpu).numpy()
+        group = self.pattern_of(name).group_of(layer.shape, flat_cpu).numpy()
         constraints = []
         for g in np.unique(group):
             positions = np.flatnonzero(group == g).astype(np.int64)
@@ -385,11 +446,12 @@ class PruningState:
         names = self.layers if name is None else [name]
         for layer_name in names:
             layer = self.layers[layer_name]
-            counts = self.pattern.kept_per_group(layer.keep_mask)
-            target = self.pattern.group_target(layer.shape)
+            pattern = self.pattern_of(layer_name)
+            counts = pattern.kept_per_group(layer.keep_mask)
+            target = pattern.group_target(layer.shape)
             if bool((counts != target).any()):
                 raise PruningError(
-                    f"layer {layer_name!r} breaks the {self.pattern} density invariant: groups should keep "
+                    f"layer {layer_name!r} breaks the {pattern} density invariant: groups should keep "
                     f"{target} weights; got counts in [{int(counts.min())}, {int(counts.max())}]"
                 )
             if bool((layer.fixed_pruned & layer.keep_mask).any()) or bool((layer.fixed_kept & ~layer.keep_mask).any()):
@@ -410,6 +472,7 @@ class PruningState:
                 "values": None if layer.values is None else layer.values.cpu().clone(),
                 "steps": layer.steps,
                 "accepted": layer.accepted,
+                "target_kept": self.target_kept(name),
                 "w0_abs_sum": float(layer.w0.double().abs().sum()),
             }
         return {
@@ -420,11 +483,12 @@ class PruningState:
         }
 
     def load_state_dict(self, data: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; the layers, their shapes and the pattern must match.
+        """Restore from :meth:`state_dict`; the layers, their shapes, the pattern and every layer's kept count
+        (this run's allocation, recomputed from the dense model) must match.
 
         Raises:
-            ValueError: the saved state does not belong to these layers or this pattern, or the
-                model's weights are not the original dense ones the state was made from.
+            ValueError: the saved state does not belong to these layers, this pattern or this allocation, or
+                the model's weights are not the original dense ones the state was made from.
         """
         if data.get("pattern") != str(self.pattern) or abs(float(data.get("density", -1)) - self.pattern.density) > 1e-12:
             raise ValueError(
@@ -443,6 +507,13 @@ class PruningState:
                 raise ValueError(
                     f"layer {name!r} of the model does not hold the dense weights the checkpoint was made from; "
                     "resume needs the original (unpruned) model"
+                )
+            saved_kept = int(item.get("target_kept", self.pattern.layer_target(layer.shape)))
+            if saved_kept != self.target_kept(name):
+                raise ValueError(
+                    f"checkpoint layer {name!r} keeps {saved_kept} weights; this run's allocation keeps "
+                    f"{self.target_kept(name)} (pruning.allocation): resume needs the dense model and the "
+                    "calibration samples the checkpoint's run started from"
                 )
         for name, layer in self.layers.items():
             item = saved[name]

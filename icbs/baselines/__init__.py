@@ -4,7 +4,9 @@
 starts from); ``sparsegpt`` prunes layer by layer with OBS weight updates (:mod:`icbs.baselines.sparsegpt`);
 ``alps`` layer by layer with ADMM on the layer reconstruction and a PCG re-fit of the kept weights
 (:mod:`icbs.baselines.alps`), through the same sequential driver. Every method keeps the pattern's exact
-counts and leaves the model pruned (zeros written; SparseGPT's and ALPS's updated weights in place).
+counts, at one density for every layer or at each layer's own (``layer_densities``, e.g. from
+:func:`icbs.allocation.allocate`), and leaves the model pruned (zeros written; SparseGPT's and ALPS's updated
+weights in place).
 
 Example::
 
@@ -25,7 +27,7 @@ from icbs.baselines.alps import run_alps
 from icbs.baselines.one_shot import DEFAULT_SCOPES, one_shot_masks
 from icbs.baselines.sparsegpt import run_sparsegpt, sparsegpt_prune_weight
 from icbs.config import SCORE_SCOPES
-from icbs.state import MaskPattern
+from icbs.state import MaskPattern, layer_patterns
 
 __all__ = ["run_baseline", "BASELINE_METHODS", "sparsegpt_prune_weight"]
 
@@ -78,6 +80,7 @@ def run_baseline(
     density: float,
     pattern: str = "unstructured",
     seed: int = 0,
+    layer_densities: Mapping[str, float] | None = None,
     **opts: Any,
 ) -> dict[str, Tensor]:
     """Prune ``layers`` of ``model`` with a one-shot baseline and return the keep-masks.
@@ -92,6 +95,9 @@ def run_baseline(
         density: fraction of weights kept, in (0, 1) (ignored for N:M, where it is N/M).
         pattern: ``"unstructured"``, ``"per_output"`` or ``"N:M"`` such as ``"2:4"``.
         seed: seeds ``random``.
+        layer_densities: ``{name: density}`` of every layer, a non-uniform allocation
+            (:func:`icbs.allocation.allocate`); each layer keeps the pattern's count at its own density.
+            ``None``: ``density`` for every layer.
         **opts: ``scope`` (magnitude/wanda/random: ``per_layer``, ``per_output``, ``per_input``);
             ``block_size`` (128) and ``damping_frac`` (0.01) for sparsegpt; ``damping_frac`` (0.01),
             ``admm_iters`` (10), ``pcg_iters`` (5) and ``rho_init`` (0.1) for alps
@@ -102,7 +108,8 @@ def run_baseline(
 
     Raises:
         ValueError: unknown method or option, bad density/pattern, a layer that cannot hold the pattern,
-            missing calibration data. The model is untouched in these cases.
+            a layer without a density in ``layer_densities``, missing calibration data. The model is untouched
+            in these cases.
     """
     if method not in BASELINE_METHODS:
         raise ValueError(f"'method' should be one of {', '.join(BASELINE_METHODS)}; got {method!r}")
@@ -110,26 +117,27 @@ def run_baseline(
     mask_pattern = MaskPattern.from_config(density, pattern)
     if not layers:
         raise ValueError("'layers' should name at least one layer to prune; got none")
+    patterns = layer_patterns(mask_pattern, layers, layer_densities)
     for name, module in layers.items():
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise ValueError(f"layer {name!r} should have a 2-d weight (n_out, n_in) to prune")
-        mask_pattern.check_layer(name, tuple(weight.shape))
+        patterns[name].check_layer(name, tuple(weight.shape))
     start = time.perf_counter()
     if method == "sparsegpt":
         masks = run_sparsegpt(
-            model, layers, calibration, loss_fn, mask_pattern,
+            model, layers, calibration, loss_fn, patterns,
             block_size=options["block_size"], damping_frac=float(options["damping_frac"]),
         )
     elif method == "alps":
         masks = run_alps(
-            model, layers, calibration, loss_fn, mask_pattern,
+            model, layers, calibration, loss_fn, patterns,
             damping_frac=float(options["damping_frac"]), admm_iters=options["admm_iters"],
             pcg_iters=options["pcg_iters"], rho_init=float(options["rho_init"]),
         )
     else:
         masks = one_shot_masks(
-            method, model, layers, calibration, loss_fn, mask_pattern,
+            method, model, layers, calibration, loss_fn, patterns,
             scope=options["scope"] or DEFAULT_SCOPES[method], seed=seed,
         )
     with torch.no_grad():

@@ -47,17 +47,16 @@ driver shared with SparseGPT (:func:`icbs.baselines.sparsegpt.run_sequential`).
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from icbs.baselines.sparsegpt import run_sequential
+from icbs.baselines.sparsegpt import layer_kernels, run_sequential
 from icbs.exceptions import PruningError, StatisticsError
 from icbs.moments import check_finite_moment
-from icbs.state import MaskPattern
+from icbs.state import MaskPattern, layer_patterns
 
 __all__ = ["alps_prune_weight", "run_alps", "pcg_refit", "project_to_pattern"]
 
@@ -241,7 +240,7 @@ def run_alps(
     layers: Mapping[str, nn.Module],
     calibration: Sequence[dict[str, Tensor]],
     loss_fn: LossFn,
-    pattern: MaskPattern,
+    pattern: MaskPattern | Mapping[str, MaskPattern],
     *,
     damping_frac: float = 0.01,
     admm_iters: int = 10,
@@ -255,7 +254,7 @@ def run_alps(
         layers: ``{name: nn.Linear}`` to prune, in model order.
         calibration: batches run through ``loss_fn`` (no grad) to capture inputs.
         loss_fn: ``loss_fn(model, batch) -> (B,)``.
-        pattern: mask pattern and density.
+        pattern: mask pattern and density, one for every layer or one per layer.
         damping_frac: relative Hessian damping.
         admm_iters: ADMM iterations per layer (at most).
         pcg_iters: PCG iterations per layer (at most).
@@ -268,8 +267,6 @@ def run_alps(
         ValueError: no calibration batches.
         PruningError: numerical failure (weights of the layers already pruned are restored first).
     """
-    prune = functools.partial(
-        alps_prune_weight, pattern=pattern, damping_frac=damping_frac, admm_iters=admm_iters,
-        pcg_iters=pcg_iters, rho_init=rho_init,
-    )
+    prune = layer_kernels(alps_prune_weight, layer_patterns(pattern, layers), damping_frac=damping_frac,
+                          admm_iters=admm_iters, pcg_iters=pcg_iters, rho_init=rho_init)
     return run_sequential(model, layers, calibration, loss_fn, prune, method="alps")

@@ -33,7 +33,7 @@ def one_shot_masks(
     layers: Mapping[str, nn.Module],
     calibration: Sequence[dict[str, Tensor]],
     loss_fn: LossFn,
-    pattern: MaskPattern,
+    pattern: MaskPattern | Mapping[str, MaskPattern],
     *,
     scope: str | None = None,
     seed: int = 0,
@@ -46,7 +46,7 @@ def one_shot_masks(
         layers: ``{name: nn.Linear}`` to prune.
         calibration: batches; Wanda runs them through ``loss_fn`` (no grad) to get input norms.
         loss_fn: ``loss_fn(model, batch) -> (B,)``.
-        pattern: the mask pattern and density.
+        pattern: the mask pattern and density, one for every layer or one per layer.
         scope: ``per_layer``, ``per_output`` or ``per_input`` ranking; default :data:`DEFAULT_SCOPES`.
         seed: seeds the ``random`` method.
 

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from icbs.exceptions import PruningError, StatisticsError
+from icbs.layers import block_list, block_prefixes
 from icbs.moments import accumulate_second_moments, check_finite_moment
-from icbs.state import MaskPattern
+from icbs.state import MaskPattern, layer_patterns
 
 __all__ = [
     "sparsegpt_prune_weight",
@@ -40,6 +41,7 @@ __all__ = [
     "inverse_hessian_factor",
     "single_thread_on_cpu",
     "WeightPruner",
+    "layer_kernels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -217,20 +219,6 @@ class _StopForward(Exception):
     """Raised from a hook to end a forward pass early."""
 
 
-def _block_list(model: nn.Module, layers: Mapping[str, nn.Module]) -> tuple[str, nn.ModuleList] | None:
-    """The ``nn.ModuleList`` whose children hold the most layers (the outermost on ties), or ``None``."""
-    best: tuple[str, nn.ModuleList] | None = None
-    best_count = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        prefixes = tuple(f"{name}.{i}." if name else f"{i}." for i in range(len(module)))
-        count = sum(1 for layer in layers if layer.startswith(prefixes))
-        if count > best_count:
-            best, best_count = (name, module), count
-    return best
-
-
 def _call_groups(run: Callable[[], Any], layers: Mapping[str, nn.Module]) -> list[list[str]]:
     """Group layers by the input tensor they are called on, in call order (q,k,v share one input).
 
@@ -357,14 +345,14 @@ def _prune_group(
     names: Sequence[str],
     layers: Mapping[str, nn.Module],
     hessians: Mapping[str, Tensor],
-    prune: WeightPruner,
+    prune: Mapping[str, WeightPruner],
     masks: dict[str, Tensor],
     originals: dict[str, Tensor],
 ) -> None:
     for name in names:
         module = layers[name]
         try:  # the kernel checks its Hessian; the layer's name is added here
-            new_weight, keep = prune(module.weight, hessians[name])
+            new_weight, keep = prune[name](module.weight, hessians[name])
         except StatisticsError as err:
             raise StatisticsError(f"layer {name!r}: {err}") from err
         originals.setdefault(name, module.weight.detach().to("cpu", copy=True))
@@ -378,7 +366,7 @@ def run_sparsegpt(
     layers: Mapping[str, nn.Module],
     calibration: Sequence[dict[str, Tensor]],
     loss_fn: LossFn,
-    pattern: MaskPattern,
+    pattern: MaskPattern | Mapping[str, MaskPattern],
     *,
     block_size: int = 128,
     damping_frac: float = 0.01,
@@ -390,7 +378,7 @@ def run_sparsegpt(
         layers: ``{name: nn.Linear}`` to prune, in model order.
         calibration: batches run through ``loss_fn`` (no grad) to capture inputs.
         loss_fn: ``loss_fn(model, batch) -> (B,)``.
-        pattern: mask pattern and density.
+        pattern: mask pattern and density, one for every layer or one per layer.
         block_size: SparseGPT column block.
         damping_frac: relative Hessian damping.
 
@@ -401,8 +389,15 @@ def run_sparsegpt(
         ValueError: no calibration batches.
         PruningError: numerical failure (weights of the layers already pruned are restored first).
     """
-    prune = functools.partial(sparsegpt_prune_weight, pattern=pattern, block_size=block_size, damping_frac=damping_frac)
+    prune = layer_kernels(sparsegpt_prune_weight, layer_patterns(pattern, layers), block_size=block_size,
+                          damping_frac=damping_frac)
     return run_sequential(model, layers, calibration, loss_fn, prune, method="sparsegpt")
+
+
+def layer_kernels(kernel: Callable[..., tuple[Tensor, Tensor]], patterns: Mapping[str, MaskPattern],
+                  **options: Any) -> dict[str, WeightPruner]:
+    """Every layer's :data:`WeightPruner`: ``kernel`` with the layer's pattern and the shared ``options``."""
+    return {name: functools.partial(kernel, pattern=pattern, **options) for name, pattern in patterns.items()}
 
 
 def run_sequential(
@@ -410,11 +405,11 @@ def run_sequential(
     layers: Mapping[str, nn.Module],
     calibration: Sequence[dict[str, Tensor]],
     loss_fn: LossFn,
-    prune: WeightPruner,
+    prune: Mapping[str, WeightPruner],
     *,
     method: str,
 ) -> dict[str, Tensor]:
-    """Prune every layer with the kernel ``prune``, sequentially, feeding pruned outputs forward.
+    """Prune every layer with its kernel ``prune[name]``, sequentially, feeding pruned outputs forward.
 
     Each group of layers that share an input is pruned from the Hessian of inputs that went through the
     already-pruned earlier layers; its new weights are written before the next group's inputs are captured.
@@ -424,7 +419,7 @@ def run_sequential(
         layers: ``{name: nn.Linear}`` to prune, in model order.
         calibration: batches run through ``loss_fn`` (no grad) to capture inputs.
         loss_fn: ``loss_fn(model, batch) -> (B,)``.
-        prune: the per-layer kernel.
+        prune: ``{name: kernel}`` for every layer (:func:`layer_kernels`).
         method: the method's name, for messages (``"sparsegpt"``, ``"alps"``).
 
     Returns:
@@ -441,14 +436,14 @@ def run_sequential(
     was_training = model.training
     model.eval()
     try:
-        found = _block_list(model, layers)
+        found = block_list(model, layers)
         if found is None:
             _model_groups(model, layers, calibration, loss_fn, prune, masks, originals, method)
         else:
             # Layers outside the blocks (an included head, an input projection) run whole-model groups,
             # before or after the blocks according to their place in the model's module order.
             list_name, blocks = found
-            prefixes = tuple(f"{list_name}.{i}." if list_name else f"{i}." for i in range(len(blocks)))
+            prefixes = block_prefixes(list_name, len(blocks))
             names = list(layers)
             inside = [i for i, name in enumerate(names) if name.startswith(prefixes)]
             before = {n: layers[n] for n in names[: inside[0]] if not n.startswith(prefixes)}
@@ -482,7 +477,8 @@ def _run_model_groups(
     originals: dict[str, Tensor],
 ) -> None:
     """SparseGPT on the whole-model path only (:func:`_model_groups`), whatever blocks the model has."""
-    prune = functools.partial(sparsegpt_prune_weight, pattern=pattern, block_size=block_size, damping_frac=damping_frac)
+    prune = layer_kernels(sparsegpt_prune_weight, layer_patterns(pattern, layers), block_size=block_size,
+                          damping_frac=damping_frac)
     _model_groups(model, layers, calibration, loss_fn, prune, masks, originals, "sparsegpt")
 
 
@@ -491,7 +487,7 @@ def _model_groups(
     layers: Mapping[str, nn.Module],
     calibration: Sequence[dict[str, Tensor]],
     loss_fn: LossFn,
-    prune: WeightPruner,
+    prune: Mapping[str, WeightPruner],
     masks: dict[str, Tensor],
     originals: dict[str, Tensor],
     method: str,
@@ -516,7 +512,7 @@ def _run_blocks(
     layers: Mapping[str, nn.Module],
     calibration: Sequence[dict[str, Tensor]],
     loss_fn: LossFn,
-    prune: WeightPruner,
+    prune: Mapping[str, WeightPruner],
     masks: dict[str, Tensor],
     originals: dict[str, Tensor],
     method: str,
@@ -525,8 +521,7 @@ def _run_blocks(
     list_name, blocks = found
     captured = _capture_block_inputs(model, blocks, calibration, loss_fn)
     hidden = [_hidden(args, kwargs) for args, kwargs in captured[0]]
-    for index, block in enumerate(blocks):
-        prefix = f"{list_name}.{index}." if list_name else f"{index}."
+    for index, (block, prefix) in enumerate(zip(blocks, block_prefixes(list_name, len(blocks)))):
         block_layers = {name: module for name, module in layers.items() if name.startswith(prefix)}
         calls = [_with_hidden(args, kwargs, h) for (args, kwargs), h in zip(captured[index], hidden)]
 
