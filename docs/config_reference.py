@@ -52,8 +52,11 @@ DESCRIPTIONS: dict[str, str] = {
     "eval.before": "evaluate the dense model first",
     "eval.lm_eval_tasks": "lm-eval-harness tasks run on the final (and, with `eval.before`, the dense) causal LM: "
                           "task names, task YAML files, folders that define tasks (see Zero-shot tasks; needs the `eval` extra)",
-    "pruning.density": "fraction of weights KEPT in every pruned layer, in (0, 1)",
+    "pruning.density": "fraction of weights KEPT in every pruned layer (with `allocation: owl`, over all of them), in (0, 1)",
     "pruning.pattern": "`unstructured`, `per_output` or `N:M` (e.g. `2:4`; then density must be N/M)",
+    "pruning.allocation": "`uniform` (every layer at `density`) or `owl`: each decoder block (a layer outside blocks alone) at a density in `density ± owl_lambda`, higher where more of its Wanda scores are outliers, the total kept count the uniform one (not with N:M; docs/INTERNALS.md, Layer densities)",
+    "pruning.owl_lambda": "`owl`: half-width of the layer density range; `density ± owl_lambda` must stay in (0, 1)",
+    "pruning.owl_threshold": "`owl`: a weight is an outlier when its Wanda score exceeds this many times its block's mean",
     "scoring.init_method": "one-shot initial mask: `magnitude`, `wanda`, `gradient`, `random`, `sparsegpt` or `alps` (the last two also re-fit the kept weights)",
     "scoring.init_scope": "where the initial mask is ranked: `per_layer`, `per_output` or `per_input`",
     "scoring.selection_method": "score that picks each step's block candidates",

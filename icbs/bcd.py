@@ -33,7 +33,7 @@ import solvers
 from icbs import checkpoint as ckpt
 from icbs.config import IcbsConfig
 from icbs.executors import Executor, make_executor
-from icbs.initialise import DenseStatistics, dense_statistics, initialise_masks
+from icbs.initialise import DenseStatistics, dense_start, initialise_masks
 from icbs.models.base import model_device
 from icbs.moves import Move, apply_answer, build_job, changed_entries, solve_jobs, undo_moves
 from icbs.pool import SamplePool, check_calibration
@@ -72,10 +72,10 @@ class _Driver:
 
     # ------------------------------------------------------------------ start
     def start(self, saved: Mapping[str, Any] | None) -> bool:
-        """Dense statistics, then the init or the checkpoint's state; returns whether that run had finished."""
+        """Dense statistics and layer densities, then the init or the checkpoint's state; whether that run finished."""
         self.clock.start()
         mark = time.perf_counter()
-        self.stats = dense_statistics(self.model, self.layers, self.pool, self.loss_fn, self.cfg)
+        self.stats = dense_start(self.model, self.layers, self.state, self.pool, self.loss_fn, self.cfg)
         self.chooser = BlockChooser(
             self.model, self.layers, self.state, self.loss_fn, scoring=self.cfg.scoring, blocks=self.cfg.blocks,
             derivatives=self.cfg.derivatives, seed=self.cfg.bcd.seed, act_norms=self.stats.act_norms,

@@ -57,6 +57,7 @@ __all__ = [
     "ESTIMATORS",
     "CHECK_MODES",
     "DEVICE_MAP_STRATEGIES",
+    "ALLOCATIONS",
 ]
 
 MODEL_KINDS = ("classifier", "causal_lm", "image_classifier")
@@ -68,6 +69,7 @@ SCORE_SCOPES = ("per_layer", "per_output", "per_input")
 ESTIMATORS = ("fisher", "exact", "gradient_mean", "layerwise")
 CHECK_MODES = ("fresh", "calibration", "batch", "validation")
 EXECUTORS = ("thread", "ray")
+ALLOCATIONS = ("uniform", "owl")
 # Keys that moved to another section: the old spelling is an error that names the new one.
 MOVED_KEYS = {
     "derivatives.damping_frac": "scoring.init_damping_frac",
@@ -377,15 +379,23 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class PruningConfig:
-    """Target density (fraction of weights KEPT) and the mask pattern of every pruned layer.
+    """Target density (fraction of weights KEPT), the mask pattern, and how the density is split over layers.
 
     ``pattern``: ``unstructured`` (each layer keeps round(density * size)), ``per_output`` (each output
     row keeps round(density * n_in)), or ``N:M`` such as ``2:4`` (N kept in every M consecutive inputs;
     the density is then N/M and ``density`` must equal it).
+
+    ``allocation``: ``uniform`` (every layer at ``density``) or ``owl`` (:mod:`icbs.allocation`: each
+    block of layers at a density in ``[density - owl_lambda, density + owl_lambda]``, more where more
+    weights are outliers, i.e. score above ``owl_threshold`` times the block's mean Wanda score; the total
+    kept count stays the uniform one).
     """
 
     density: float = 0.5
     pattern: str = "unstructured"
+    allocation: str = "uniform"
+    owl_lambda: float = 0.08
+    owl_threshold: float = 5.0
 
     def validate(self) -> None:
         if isinstance(self.density, bool) or not (0 < self.density < 1):
@@ -393,6 +403,15 @@ class PruningConfig:
         kind, n, m = parse_pattern(self.pattern)
         if kind == "nm" and abs(self.density - n / m) > 1e-9:
             _fail("pruning.density", f"{n}/{m} = {n / m:g} for pattern {self.pattern!r}", self.density)
+        _choice("pruning.allocation", self.allocation, ALLOCATIONS)
+        if self.allocation == "owl" and kind == "nm":
+            _fail("pruning.allocation", f"'uniform' for pattern {self.pattern!r} (N:M fixes every group's count)",
+                  self.allocation)
+        _positive("pruning.owl_lambda", self.owl_lambda, allow_zero=True)
+        _positive("pruning.owl_threshold", self.owl_threshold)
+        if self.allocation == "owl" and not (0 < self.density - self.owl_lambda and self.density + self.owl_lambda < 1):
+            _fail("pruning.owl_lambda", f"< min(density, 1 - density) = {min(self.density, 1 - self.density):g} "
+                  "so every layer density stays in (0, 1)", self.owl_lambda)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""The start of a run (paper Fig. 2, steps 1-2): dense statistics, the one-shot mask, the fixed extremes.
+"""The start of a run (paper Fig. 2, steps 1-2): dense statistics, the layer densities, the one-shot mask, the
+fixed extremes.
+
+The layer densities come from ``pruning.allocation`` (:mod:`icbs.allocation`), computed from the dense model
+before the init (:func:`dense_start`); a resumed run computes them again and its checkpoint must agree.
 
 Score-based inits (``magnitude``, ``wanda``, ``gradient``, ``random``) rank every weight and keep the
 pattern's exact counts. Weight-refitting inits (``sparsegpt``, ``alps``) run that baseline through
@@ -16,7 +20,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from icbs.allocation import allocate
 from icbs.baselines import run_baseline
+from icbs.blocks import check_block_size
 from icbs.config import IcbsConfig
 from icbs.derivatives import collect_layer_inputs
 from icbs.moments import check_finite_moment
@@ -26,7 +32,7 @@ from icbs.scoring import collect_activation_norms, collect_gradients, init_masks
 from icbs.selection import layer_scores
 from icbs.state import PruningState
 
-__all__ = ["DenseStatistics", "dense_statistics", "initialise_masks", "REFITTING_INITS"]
+__all__ = ["DenseStatistics", "dense_statistics", "dense_start", "initialise_masks", "REFITTING_INITS"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +51,9 @@ class DenseStatistics:
 
 def dense_statistics(model: nn.Module, layers: Mapping[str, nn.Module], pool: SamplePool, loss_fn: LossFn,
                      cfg: IcbsConfig) -> DenseStatistics:
-    """Collect only the statistics this config uses, from the dense model."""
+    """Collect only the statistics this config uses, from the dense model (input norms: wanda or the owl allocation)."""
     stats = DenseStatistics()
-    if "wanda" in (cfg.scoring.init_method, cfg.scoring.selection_method):
+    if "wanda" in (cfg.scoring.init_method, cfg.scoring.selection_method) or cfg.pruning.allocation == "owl":
         stats.act_norms = collect_activation_norms(model, layers, pool.device_batches(init=True), loss_fn)
     if cfg.derivatives.estimator == "layerwise" or cfg.bcd.refit != "none":
         stats.layer_inputs = collect_layer_inputs(model, layers, pool.device_batches(), loss_fn)
@@ -57,12 +63,29 @@ def dense_statistics(model: nn.Module, layers: Mapping[str, nn.Module], pool: Sa
     return stats
 
 
+def dense_start(model: nn.Module, layers: Mapping[str, nn.Module], state: PruningState, pool: SamplePool,
+                loss_fn: LossFn, cfg: IcbsConfig) -> DenseStatistics:
+    """:func:`dense_statistics`, then every layer's density (``pruning.allocation``) set on ``state``.
+
+    A non-uniform allocation changes the layers' kept counts, so the block size is checked again against
+    the free weights they leave.
+    """
+    stats = dense_statistics(model, layers, pool, loss_fn, cfg)
+    densities = allocate(cfg.pruning, model, layers, act_norms=stats.act_norms)
+    if densities is not None:
+        state.set_densities(densities)
+        check_block_size(cfg.blocks.block_size, cfg.blocks.k,
+                         state.free_counts(cfg.scoring.fix_frac_prune, cfg.scoring.fix_frac_keep))
+    return stats
+
+
 def _refitting_init(method: str, model: nn.Module, layers: Mapping[str, nn.Module], state: PruningState,
                     pool: SamplePool, loss_fn: LossFn, cfg: IcbsConfig) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Masks and re-fitted kept values of a weight-refitting baseline; the model gets its dense weights back."""
     masks = run_baseline(
         method, model, layers, pool.init_batches, loss_fn, density=state.pattern.density,
-        pattern=cfg.pruning.pattern, seed=cfg.bcd.seed, damping_frac=cfg.scoring.init_damping_frac,
+        pattern=cfg.pruning.pattern, seed=cfg.bcd.seed, layer_densities=state.layer_densities(),
+        damping_frac=cfg.scoring.init_damping_frac,
     )
     masks = {name: masks[name].bool() for name in layers}
     values = {}
@@ -88,7 +111,7 @@ def initialise_masks(model: nn.Module, layers: Mapping[str, nn.Module], state: P
     scores = layer_scores(method, scoring.init_scope, state, list(layers), act_norms=stats.act_norms, grads=grads,
                           generator=generator)
     if scoring.init_method not in REFITTING_INITS:
-        masks = init_masks(scores, state.pattern, scoring.init_scope)
+        masks = init_masks(scores, {name: state.pattern_of(name) for name in layers}, scoring.init_scope)
     state.set_masks(masks)
     for name, layer_values in values.items():
         state.set_values(name, layer_values)

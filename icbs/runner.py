@@ -26,6 +26,7 @@ from torch import nn
 import icbs
 import solvers
 from icbs import checkpoint, export
+from icbs.allocation import allocate
 from icbs.batching import batch_size
 from icbs.blocks import check_block_size
 from icbs.config import IcbsConfig, ModelConfig
@@ -35,7 +36,7 @@ from icbs.initialise import REFITTING_INITS
 from icbs.models import model_kind
 from icbs.models.base import resolve_device
 from icbs.records import EvalRecord, RunReport, StepRecord
-from icbs.state import MaskPattern, PruningState
+from icbs.state import MaskPattern, PruningState, layer_patterns
 from solvers.composites import RecordingComposite
 
 __all__ = [
@@ -193,14 +194,19 @@ def _check_zeros(layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tens
             raise RuntimeError(f"layer {name!r} has {leaked} non-zero weights outside its mask after pruning")
 
 
-def _check_density(cfg: IcbsConfig, masks: Mapping[str, torch.Tensor]) -> None:
-    """Each layer keeps exactly the pattern's count (:class:`~icbs.state.MaskPattern`, the driver's own rule)."""
-    pattern = MaskPattern.from_config(cfg.pruning.density, cfg.pruning.pattern)
+def _target_counts(cfg: IcbsConfig, masks: Mapping[str, torch.Tensor],
+                   densities: Mapping[str, float] | None) -> dict[str, int]:
+    """Each layer's kept count: the pattern's (:class:`~icbs.state.MaskPattern`, the driver's own rule) at the
+    config's density, or at the layer's own from a non-uniform allocation."""
+    patterns = layer_patterns(MaskPattern.from_config(cfg.pruning.density, cfg.pruning.pattern), masks, densities)
+    return {name: patterns[name].layer_target((int(mask.shape[0]), int(mask.shape[1]))) for name, mask in masks.items()}
+
+
+def _check_density(masks: Mapping[str, torch.Tensor], targets: Mapping[str, int]) -> None:
+    """Each layer keeps exactly its target count."""
     for name, mask in masks.items():
-        shape = (int(mask.shape[0]), int(mask.shape[1]))
-        expected = mask.numel() // pattern.group_length(shape) * pattern.group_target(shape)
-        if int(mask.sum()) != expected:
-            logger.warning("layer %r keeps %d weights; the target is %d", name, int(mask.sum()), expected)
+        if int(mask.sum()) != targets[name]:
+            logger.warning("layer %r keeps %d weights; the target is %d", name, int(mask.sum()), targets[name])
 
 
 def _write_outputs(
@@ -324,8 +330,14 @@ def _check_fit(cfg: IcbsConfig, layers: Mapping[str, nn.Module], calibration: Se
     pattern = MaskPattern.from_config(cfg.pruning.density, cfg.pruning.pattern)
     stand_ins = {name: _ShapeOnly(module.weight) for name, module in layers.items()}
     state = PruningState(stand_ins, pattern, cfg.blocks.tabu_frac)
-    free = state.free_counts(cfg.scoring.fix_frac_prune, cfg.scoring.fix_frac_keep)
-    check_block_size(cfg.blocks.block_size, cfg.blocks.k, free)
+    pruning = cfg.pruning
+    # The owl allocation is known only after a forward pass: the densities at both ends of its range must fit.
+    ends = (pruning.density - pruning.owl_lambda, pruning.density + pruning.owl_lambda)
+    for density in [None, *(ends if pruning.allocation == "owl" else ())]:
+        if density is not None:
+            state.set_densities(dict.fromkeys(layers, density))
+        free = state.free_counts(cfg.scoring.fix_frac_prune, cfg.scoring.fix_frac_keep)
+        check_block_size(cfg.blocks.block_size, cfg.blocks.k, free)
     n_calibration = sum(batch_size(batch) for batch in calibration)
     if cfg.derivatives.n_samples > n_calibration:
         raise ValueError(f"'derivatives.n_samples' should be at most the {n_calibration} calibration samples "
@@ -375,11 +387,11 @@ def _report(command: str, prep: _Prepared, masks: Mapping[str, torch.Tensor], me
     ).to_dict()
 
 
-def _finish(prep: _Prepared, masks: Mapping[str, torch.Tensor]) -> None:
+def _finish(prep: _Prepared, masks: Mapping[str, torch.Tensor], targets: Mapping[str, int]) -> None:
     """Zero the pruned weights in the model and check the result: exact zeros, the target counts."""
     export.apply_masks(prep.layers, masks)
     _check_zeros(prep.layers, masks)
-    _check_density(prep.cfg, masks)
+    _check_density(masks, targets)
 
 
 def run_prune(
@@ -452,7 +464,7 @@ def _prune(prep: _Prepared, path: Path, progress: bool, started: float) -> RunOu
     timings["prune_s"] = time.perf_counter() - mark
     masks = {name: mask.bool() for name, mask in result.masks.items()}
     # The driver leaves the model pruned; applying the masks again is a no-op then and a guarantee otherwise.
-    _finish(prep, masks)
+    _finish(prep, masks, {name: layer.target_kept for name, layer in result.report.layers.items()})
     core = result.report.to_dict()
     final = core.get("final_metrics")
     if not final:
@@ -565,11 +577,13 @@ def _baseline(method: str, prep: _Prepared, path: Path, started: float) -> RunOu
     lm_eval_dense = run_lm_eval(cfg.eval, loaded.model, loaded.tokenizer, "dense") if cfg.eval.before else None
     mark = time.perf_counter()
     options = {"damping_frac": cfg.scoring.init_damping_frac} if method in REFITTING_INITS else {}
-    masks = baseline(method, loaded.model, prep.layers, prep.calibration, loaded.adapter.per_sample_loss,
-                     density=cfg.pruning.density, pattern=cfg.pruning.pattern, seed=cfg.bcd.seed, **options)
+    loss_fn = loaded.adapter.per_sample_loss
+    densities = allocate(cfg.pruning, loaded.model, prep.layers, batches=prep.calibration, loss_fn=loss_fn)
+    masks = baseline(method, loaded.model, prep.layers, prep.calibration, loss_fn, density=cfg.pruning.density,
+                     pattern=cfg.pruning.pattern, seed=cfg.bcd.seed, layer_densities=densities, **options)
     timings = {**prep.timings, "prune_s": time.perf_counter() - mark}
     masks = {name: mask.bool() for name, mask in masks.items()}
-    _finish(prep, masks)
+    _finish(prep, masks, _target_counts(cfg, masks, densities))
     final = evaluate(loaded.model)
     timings["total_s"] = prep.timings["load_model_s"] + prep.timings["data_s"] + time.perf_counter() - started
     report = _report("baseline", prep, masks, {"dense": dense, "final": final}, timings, method=method,
