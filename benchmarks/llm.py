@@ -18,6 +18,10 @@ Evaluation time is not counted as pruning time; the init (e.g. ALPS inside icbs)
     python benchmarks/llm.py                                        # the full table (hours on 2 cores)
     python benchmarks/llm.py --sparsities 0.5 2:4 --minutes 5 10    # a subset
     python benchmarks/llm.py --report benchmarks/llm_results.json   # print a saved table
+    python benchmarks/llm.py --set pruning.allocation=owl           # OWL layer densities, icbs and one-shot rows
+
+``--set`` overrides reach the icbs run and the one-shot rows alike; ``pruning.allocation: owl`` (not at N:M,
+which fixes every group's count) is named in the icbs label, the one-shot rows keep their method names.
 
 Writes ``--json`` (rows and settings) and ``--plot`` (perplexity against elapsed pruning time).
 """
@@ -44,6 +48,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 import icbs  # noqa: E402
+from icbs.allocation import allocate  # noqa: E402
 from icbs.baselines import BASELINE_METHODS, run_baseline  # noqa: E402
 from icbs.batching import concat_batches, index_batch, split_batch  # noqa: E402
 from icbs.data import build_data, tokenize_text  # noqa: E402
@@ -84,6 +89,15 @@ def _pattern(sparsity: str) -> tuple[float, str]:
         n, m = (int(v) for v in sparsity.split(":"))
         return n / m, sparsity
     return round(1.0 - float(sparsity), 6), "unstructured"
+
+
+def _pruning(cfg: icbs.IcbsConfig, sparsity: str) -> icbs.IcbsConfig:
+    """``cfg`` at this sparsity; its ``pruning.allocation`` (``--set pruning.allocation=owl``) except at N:M,
+    which fixes every group's count and so allocates uniformly."""
+    density, pattern = _pattern(sparsity)
+    allocation = "uniform" if ":" in pattern else cfg.pruning.allocation
+    pruning = dataclasses.replace(cfg.pruning, density=density, pattern=pattern, allocation=allocation)
+    return cfg.replace(pruning=pruning)
 
 
 class _Bench:
@@ -134,14 +148,16 @@ class _Bench:
         return out
 
 
-def _baseline_row(bench: _Bench, method: str, sparsity: str, damping: float) -> dict[str, Any]:
+def _baseline_row(bench: _Bench, cfg: icbs.IcbsConfig, method: str, sparsity: str) -> dict[str, Any]:
     bench.reset()
-    density, pattern = _pattern(sparsity)
+    pruning = _pruning(cfg, sparsity).pruning
     start = time.perf_counter()
-    options = {"damping_frac": damping} if method in ("sparsegpt", "alps") else {}
+    options = {"damping_frac": cfg.scoring.init_damping_frac} if method in ("sparsegpt", "alps") else {}
     if method != "dense":
-        run_baseline(method, bench.model, bench.layers, bench.calibration, bench.adapter.per_sample_loss,
-                     density=density, pattern=pattern, seed=0, **options)
+        loss_fn = bench.adapter.per_sample_loss
+        densities = allocate(pruning, bench.model, bench.layers, batches=bench.calibration, loss_fn=loss_fn)
+        run_baseline(method, bench.model, bench.layers, bench.calibration, loss_fn, density=pruning.density,
+                     pattern=pruning.pattern, seed=0, layer_densities=densities, **options)
     row = {"sparsity": sparsity, "method": method, "minutes": (time.perf_counter() - start) / 60, "steps": None,
            **bench.measure()}
     logger.info("%s %s: %s", sparsity, method, _fmt(row))
@@ -156,16 +172,16 @@ def _icbs_rows(bench: _Bench, cfg: icbs.IcbsConfig, sparsity: str, budgets_s: li
     so icbs's init is that model); its measurements stand for the init row instead of evaluating again.
     """
     bench.reset()
-    density, pattern = _pattern(sparsity)
-    cfg = cfg.replace(bcd=dataclasses.replace(cfg.bcd, time_budget=max(budgets_s), checkpoint_every_s=None),
-                      pruning=dataclasses.replace(cfg.pruning, density=density, pattern=pattern))
+    cfg = _pruning(cfg, sparsity)
+    cfg = cfg.replace(bcd=dataclasses.replace(cfg.bcd, time_budget=max(budgets_s), checkpoint_every_s=None))
     pending = sorted(budgets_s)
     clock = {"elapsed": 0.0, "step": 0}
     rows: list[dict[str, Any]] = []
     targets = "" if cfg.calibration.targets == "labels" else f", targets {cfg.calibration.targets}"
     pool = cfg.calibration.n_samples - cfg.calibration.n_validation
     init_part = f", init on {cfg.scoring.init_n_samples} of {pool}" if cfg.scoring.init_n_samples else ""
-    label = f"icbs[{cfg.scoring.init_method}{init_part}{targets}]"
+    owl = ", owl" if cfg.pruning.allocation == "owl" else ""
+    label = f"icbs[{cfg.scoring.init_method}{init_part}{targets}{owl}]"
 
     def progress(elapsed: float, budget: float | None, step: int) -> None:
         clock["elapsed"], clock["step"] = elapsed, step
@@ -292,7 +308,7 @@ def main() -> None:
     out["rows"][0].update(minutes=0.0, steps=None)
     for sparsity in args.sparsities:
         for method in args.baselines:
-            out["rows"].append(_baseline_row(bench, method, sparsity, cfg.scoring.init_damping_frac))
+            out["rows"].append(_baseline_row(bench, cfg, method, sparsity))
             _write(args.json, out)
         if not args.no_icbs:
             same = [r for r in out["rows"] if r["sparsity"] == sparsity and r["method"] == cfg.scoring.init_method]
