@@ -91,42 +91,61 @@ def select_block(
     keep = ls.keep_mask.reshape(-1)
     flat_scores = scores.to(device).reshape(-1).float()
     pattern = state.pattern_of(layer)
-    kind = pattern.kind
-    if kind == "unstructured":
-        pruned = torch.nonzero(available & ~keep).squeeze(1)
-        kept = torch.nonzero(available & keep).squeeze(1)
-        n_take = min(block_size, int(pruned.numel()) + int(kept.numel()))
-        n_p = min(k, int(pruned.numel()))
-        n_k = min(n_take - n_p, int(kept.numel()))
-        n_p = n_take - n_k
-        chosen = torch.cat(
-            [
-                _ranked(pruned, flat_scores, True, generator)[:n_p],
-                _ranked(kept, flat_scores, False, generator)[:n_k],
-            ]
-        )
-        return torch.sort(chosen).values.cpu()
+    if pattern.kind == "unstructured":
+        return _select_unstructured(available, keep, flat_scores, block_size, k, generator)
     length = pattern.group_length(ls.shape)
-    avail = available.view(-1, length)
-    keep_g = keep.view(-1, length)
-    s = flat_scores.view(-1, length)
+    avail, keep_g, s = available.view(-1, length), keep.view(-1, length), flat_scores.view(-1, length)
+    groups = _ranked_groups(avail, keep_g, s, generator)
+    if pattern.kind == "nm":
+        return _select_nm(avail, groups, length, block_size)
+    return _select_rows(avail, keep_g, s, groups, length, block_size, k, generator)
+
+
+def _select_unstructured(available: Tensor, keep: Tensor, flat_scores: Tensor, block_size: int, k: int,
+                         generator: torch.Generator | None) -> Tensor:
+    """The ``k`` best-scored pruned and the worst-scored kept weights of the layer, ``block_size`` in all."""
+    pruned = torch.nonzero(available & ~keep).squeeze(1)
+    kept = torch.nonzero(available & keep).squeeze(1)
+    n_take = min(block_size, int(pruned.numel()) + int(kept.numel()))
+    n_p = min(k, int(pruned.numel()))
+    n_k = min(n_take - n_p, int(kept.numel()))
+    n_p = n_take - n_k
+    chosen = torch.cat(
+        [
+            _ranked(pruned, flat_scores, True, generator)[:n_p],
+            _ranked(kept, flat_scores, False, generator)[:n_k],
+        ]
+    )
+    return torch.sort(chosen).values.cpu()
+
+
+def _ranked_groups(avail: Tensor, keep_g: Tensor, s: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Groups (rows or N:M groups) that hold a free pruned and a free kept weight, most promising swap first."""
     best_pruned = torch.where(avail & ~keep_g, s, torch.full_like(s, -torch.inf)).amax(dim=1)
     worst_kept = torch.where(avail & keep_g, s, torch.full_like(s, torch.inf)).amin(dim=1)
     eligible = torch.isfinite(best_pruned) & torch.isfinite(worst_kept)
     groups = torch.nonzero(eligible).squeeze(1)
-    groups = _ranked(groups, best_pruned - worst_kept, True, generator)
+    return _ranked(groups, best_pruned - worst_kept, True, generator)
+
+
+def _select_nm(avail: Tensor, groups: Tensor, length: int, block_size: int) -> Tensor:
+    """Whole N:M groups (all their free weights), in rank order, while they fit in ``block_size``."""
     counts = avail.sum(dim=1)
-    if kind == "nm":
-        taken = groups[torch.cumsum(counts[groups], 0) <= block_size]
-        members = torch.nonzero(avail[taken]).cpu()
-        flat = taken.cpu()[members[:, 0]] * length + members[:, 1]
-        return torch.sort(flat).values
+    taken = groups[torch.cumsum(counts[groups], 0) <= block_size]
+    members = torch.nonzero(avail[taken]).cpu()
+    flat = taken.cpu()[members[:, 0]] * length + members[:, 1]
+    return torch.sort(flat).values
+
+
+def _select_rows(avail: Tensor, keep_g: Tensor, s: Tensor, groups: Tensor, length: int, block_size: int, k: int,
+                 generator: torch.Generator | None) -> Tensor:
+    """Per-output rows in rank order: a whole row when it fits, else its best pruned and worst kept weights."""
+    counts = avail.sum(dim=1)
     pieces: list[Tensor] = []
     room = block_size
     for group in groups.tolist():
         if room < 2:
             break
-        base = group * length
         row_avail = avail[group]
         if int(counts[group]) <= room:
             picked = torch.nonzero(row_avail).squeeze(1)
@@ -140,7 +159,7 @@ def select_block(
                     _ranked(row_kept, s[group], False, generator)[:n_k],
                 ]
             )
-        pieces.append(picked.cpu() + base)
+        pieces.append(picked.cpu() + group * length)
         room -= int(picked.numel())
     if not pieces:
         return torch.zeros(0, dtype=torch.long)
