@@ -101,6 +101,12 @@ def select_block(
     return _select_rows(avail, keep_g, s, groups, length, block_size, k, generator)
 
 
+def _swap_pair(pruned: Tensor, kept: Tensor, scores: Tensor, n_p: int, n_k: int,
+               generator: torch.Generator | None) -> Tensor:
+    """The ``n_p`` best-scored pruned and the ``n_k`` worst-scored kept indices: the likeliest swaps."""
+    return torch.cat([_ranked(pruned, scores, True, generator)[:n_p], _ranked(kept, scores, False, generator)[:n_k]])
+
+
 def _select_unstructured(available: Tensor, keep: Tensor, flat_scores: Tensor, block_size: int, k: int,
                          generator: torch.Generator | None) -> Tensor:
     """The ``k`` best-scored pruned and the worst-scored kept weights of the layer, ``block_size`` in all."""
@@ -110,13 +116,7 @@ def _select_unstructured(available: Tensor, keep: Tensor, flat_scores: Tensor, b
     n_p = min(k, int(pruned.numel()))
     n_k = min(n_take - n_p, int(kept.numel()))
     n_p = n_take - n_k
-    chosen = torch.cat(
-        [
-            _ranked(pruned, flat_scores, True, generator)[:n_p],
-            _ranked(kept, flat_scores, False, generator)[:n_k],
-        ]
-    )
-    return torch.sort(chosen).values.cpu()
+    return torch.sort(_swap_pair(pruned, kept, flat_scores, n_p, n_k, generator)).values.cpu()
 
 
 def _ranked_groups(avail: Tensor, keep_g: Tensor, s: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -153,12 +153,7 @@ def _select_rows(avail: Tensor, keep_g: Tensor, s: Tensor, groups: Tensor, lengt
             row_pruned = torch.nonzero(row_avail & ~keep_g[group]).squeeze(1)
             row_kept = torch.nonzero(row_avail & keep_g[group]).squeeze(1)
             n_p, n_k = _split(room, k, block_size, int(row_pruned.numel()), int(row_kept.numel()))
-            picked = torch.cat(
-                [
-                    _ranked(row_pruned, s[group], True, generator)[:n_p],
-                    _ranked(row_kept, s[group], False, generator)[:n_k],
-                ]
-            )
+            picked = _swap_pair(row_pruned, row_kept, s[group], n_p, n_k, generator)
         pieces.append(picked.cpu() + group * length)
         room -= int(picked.numel())
     if not pieces:
