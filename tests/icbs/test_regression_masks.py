@@ -5,6 +5,11 @@ The digests in ``data/regression_masks.json`` were recorded on main before the d
 the whole-calibration check; select-then-estimate with a fresh-batch check over two-layer rounds;
 the layer-wise estimator with the end refit. A deliberate change of behaviour re-records the digests
 (``python tests/icbs/test_regression_masks.py --record``) and names the fix in its commit.
+
+Each variant keeps one digest set per machine kind it was recorded on: the same code on another CPU rounds
+its float32 matmuls differently (measured: an AMD EPYC against the machine of the first recording), which flips
+a close accept decision and changes every later digest. A run must match one recorded set exactly.
+``--add-machine`` appends this machine's digests of unchanged code to the sets already recorded.
 """
 
 from __future__ import annotations
@@ -62,15 +67,23 @@ def _accepted(record) -> bool:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_regression_masks_bit_identical(variant):
     pytest.importorskip("mlxtend")
-    expected = json.loads(DIGESTS.read_text())[variant]
+    recorded = json.loads(DIGESTS.read_text())[variant]
     got = run_variant(variant)
-    assert got["steps"] == expected["steps"]
-    assert got["masks"] == expected["masks"]
-    assert got["weights"] == expected["weights"]
+    if got in recorded:
+        return
+    closest = next((r for r in recorded if r["masks"] == got["masks"]), recorded[0])  # a readable difference
+    assert got["steps"] == closest["steps"]
+    assert got["masks"] == closest["masks"]
+    assert got["weights"] == closest["weights"]
 
 
 if __name__ == "__main__":
-    if "--record" in sys.argv:
+    if "--record" in sys.argv or "--add-machine" in sys.argv:
         DIGESTS.parent.mkdir(exist_ok=True)
-        DIGESTS.write_text(json.dumps({v: run_variant(v) for v in sorted(VARIANTS)}, indent=1, sort_keys=True) + "\n")
+        sets = json.loads(DIGESTS.read_text()) if "--add-machine" in sys.argv else {}
+        for v in sorted(VARIANTS):
+            got = run_variant(v)
+            if got not in sets.setdefault(v, []):
+                sets[v].append(got)
+        DIGESTS.write_text(json.dumps(sets, indent=1, sort_keys=True) + "\n")
         print(DIGESTS.read_text())
