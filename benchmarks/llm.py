@@ -233,9 +233,9 @@ def _plot(path: Path, out: Mapping[str, Any]) -> None:
     sparsities = out["sparsities"]
     # One style per icbs run across all panels (a merged table may hold several runs per sparsity).
     runs = sorted({r["method"].split("]")[0] + "]" for r in out["rows"] if r["method"].startswith("icbs")},
-                  key=lambda run: ("init on 96" not in run, "z 1.645" not in run, "pool" not in run, "init on 224" in run, "targets" in run,
+                  key=lambda run: ("init on 96" not in run, "z 3" not in run, "z 1.645" not in run, "pool" not in run, "init on 224" in run, "targets" in run,
                                    "batch" in run, run))
-    # the shipped recipe (the init on 96 windows, the check_z test, a large pool) first: solid circles
+    # the shipped recipe (the init on 96 windows, the check_z test at z = 3, a large pool) first: solid circles
     styles = {run: ("o-", "s--", "^-.", "D:", "v-", "P--", "X-.")[j % 7] for j, run in enumerate(runs)}
     fig, axes = plt.subplots(1, len(sparsities), figsize=(4.6 * len(sparsities), 5.2), squeeze=False)
     for ax, sparsity in zip(axes[0], sparsities):
