@@ -155,7 +155,9 @@ class _Driver:
         # Every round is checked against the true loss when it can be: single-block rounds when the pass
         # measured the batch loss (not layerwise), multi-block rounds always (their models ignore each other).
         check = bool(jobs) and (math.isfinite(jobs[0].batch_loss) or len(names) > 1)
+        mark = time.perf_counter()
         check_on, before = self.check.before(first_step, batch, jobs[0].batch_loss) if check else ([], math.nan)
+        log.timings["check_s"] += time.perf_counter() - mark
         budget = self.cfg.bcd.time_budget
         remaining = None if budget is None else max(budget - self.clock.elapsed(), 1e-3)
         answers = solve_jobs(self.solver, jobs, self.cfg.bcd.seed, remaining, self.executor)  # 3. solve
@@ -168,7 +170,9 @@ class _Driver:
             moves += [move] if move is not None else []
         refits = self._refit(moves)
         if moves and check:  # 5. check
+            mark = time.perf_counter()
             self._check_round(check_on, before, moves, refits, records)
+            log.timings["check_s"] += time.perf_counter() - mark
         elif moves:
             self.check.forget()
         log.cursor.step += len(names)

@@ -19,8 +19,8 @@ from icbs.state import mask_densities
 
 __all__ = ["StepRecord", "EvalRecord", "SolverStats", "LayerSummary", "PruneSummary", "RunReport", "RunLog", "RunHooks", "PruneResult", "TIMING_KEYS"]
 
-# The driver's own timings (seconds): init, derivative passes, block selection, solves, refits.
-TIMING_KEYS = ("init_s", "estimate_s", "select_s", "solve_s", "refit_s")
+# The driver's own timings (seconds): init, derivative passes, block selection, solves, refits, round checks.
+TIMING_KEYS = ("init_s", "estimate_s", "select_s", "solve_s", "refit_s", "check_s")
 
 
 @dataclasses.dataclass
