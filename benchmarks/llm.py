@@ -182,7 +182,9 @@ def _icbs_rows(bench: _Bench, cfg: icbs.IcbsConfig, sparsity: str, budgets_s: li
     init_part = f", init on {cfg.scoring.init_n_samples} of {pool}" if cfg.scoring.init_n_samples else ""
     owl = ", owl" if cfg.pruning.allocation == "owl" else ""
     z = f", z {cfg.bcd.check_z:g}" if cfg.bcd.check_z else ""
-    label = f"icbs[{cfg.scoring.init_method}{init_part}{targets}{owl}{z}]"
+    # bcd.patience was 10 in every run before run 28 (docs/BENCHMARKS.md); other values are named
+    patience = f", patience {cfg.bcd.patience}" if cfg.bcd.patience != 10 else ""
+    label = f"icbs[{cfg.scoring.init_method}{init_part}{targets}{owl}{z}{patience}]"
 
     def progress(elapsed: float, budget: float | None, step: int) -> None:
         clock["elapsed"], clock["step"] = elapsed, step
@@ -233,9 +235,9 @@ def _plot(path: Path, out: Mapping[str, Any]) -> None:
     sparsities = out["sparsities"]
     # One style per icbs run across all panels (a merged table may hold several runs per sparsity).
     runs = sorted({r["method"].split("]")[0] + "]" for r in out["rows"] if r["method"].startswith("icbs")},
-                  key=lambda run: ("init on 96" not in run, "z 3" not in run, "z 1.645" not in run, "pool" not in run, "init on 224" in run, "targets" in run,
+                  key=lambda run: ("init on 96" not in run, "z 3" not in run, "patience 30" not in run, "z 1.645" not in run, "pool" not in run, "init on 224" in run, "targets" in run,
                                    "batch" in run, run))
-    # the shipped recipe (the init on 96 windows, the check_z test at z = 3, a large pool) first: solid circles
+    # the shipped recipe (the init on 96 windows, the check_z test at z = 3, patience 30, a large pool) first: solid circles
     styles = {run: ("o-", "s--", "^-.", "D:", "v-", "P--", "X-.")[j % 7] for j, run in enumerate(runs)}
     fig, axes = plt.subplots(1, len(sparsities), figsize=(4.6 * len(sparsities), 5.2), squeeze=False)
     for ax, sparsity in zip(axes[0], sparsities):
