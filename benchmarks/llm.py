@@ -182,9 +182,12 @@ def _icbs_rows(bench: _Bench, cfg: icbs.IcbsConfig, sparsity: str, budgets_s: li
     init_part = f", init on {cfg.scoring.init_n_samples} of {pool}" if cfg.scoring.init_n_samples else ""
     owl = ", owl" if cfg.pruning.allocation == "owl" else ""
     z = f", z {cfg.bcd.check_z:g}" if cfg.bcd.check_z else ""
-    # bcd.patience was 10 in every run before run 28 (docs/BENCHMARKS.md); other values are named
+    # bcd.patience was 10 in every run before run 28, and every run before run 30 solved 28 blocks a round from
+    # the Fisher of 8 windows (docs/BENCHMARKS.md); other values are named
     patience = f", patience {cfg.bcd.patience}" if cfg.bcd.patience != 10 else ""
-    label = f"icbs[{cfg.scoring.init_method}{init_part}{targets}{owl}{z}{patience}]"
+    per_round = f", {cfg.bcd.blocks_per_round} a round" if cfg.bcd.blocks_per_round != 28 else ""
+    windows = f", {cfg.derivatives.n_samples} windows a round" if cfg.derivatives.n_samples != 8 else ""
+    label = f"icbs[{cfg.scoring.init_method}{init_part}{targets}{owl}{z}{patience}{per_round}{windows}]"
 
     def progress(elapsed: float, budget: float | None, step: int) -> None:
         clock["elapsed"], clock["step"] = elapsed, step
@@ -235,7 +238,7 @@ def _plot(path: Path, out: Mapping[str, Any]) -> None:
     sparsities = out["sparsities"]
     # One style per icbs run across all panels (a merged table may hold several runs per sparsity).
     runs = sorted({r["method"].split("]")[0] + "]" for r in out["rows"] if r["method"].startswith("icbs")},
-                  key=lambda run: ("init on 96" not in run, "z 3" not in run, "patience 30" not in run, "z 1.645" not in run, "pool" not in run, "init on 224" in run, "targets" in run,
+                  key=lambda run: ("init on 96" not in run, "z 3" not in run, "patience 30" not in run, "a round" in run, "pass rule" in run, "z 1.645" not in run, "pool" not in run, "init on 224" in run, "targets" in run,
                                    "batch" in run, run))
     # the shipped recipe (the init on 96 windows, the check_z test at z = 3, patience 30, a large pool) first: solid circles
     styles = {run: ("o-", "s--", "^-.", "D:", "v-", "P--", "X-.")[j % 7] for j, run in enumerate(runs)}
