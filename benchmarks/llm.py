@@ -238,9 +238,10 @@ def _plot(path: Path, out: Mapping[str, Any]) -> None:
     sparsities = out["sparsities"]
     # One style per icbs run across all panels (a merged table may hold several runs per sparsity).
     runs = sorted({r["method"].split("]")[0] + "]" for r in out["rows"] if r["method"].startswith("icbs")},
-                  key=lambda run: ("init on 96" not in run, "z 3" not in run, "patience 30" not in run, "a round" in run, "pass rule" in run, "z 1.645" not in run, "pool" not in run, "init on 224" in run, "targets" in run,
+                  key=lambda run: ("init on 96" not in run, "z 3" not in run, "patience 30" not in run, "12 windows a round" not in run, "a round" in run, "pass rule" in run, "z 1.645" not in run, "pool" not in run, "init on 224" in run, "targets" in run,
                                    "batch" in run, run))
-    # the shipped recipe (the init on 96 windows, the check_z test at z = 3, patience 30, a large pool) first: solid circles
+    # the shipped recipe (the init on 96 windows, the check_z test at z = 3, patience 30, the Fisher on 12 windows a
+    # round, a large pool) first: solid circles
     styles = {run: ("o-", "s--", "^-.", "D:", "v-", "P--", "X-.")[j % 7] for j, run in enumerate(runs)}
     fig, axes = plt.subplots(1, len(sparsities), figsize=(4.6 * len(sparsities), 5.2), squeeze=False)
     for ax, sparsity in zip(axes[0], sparsities):
@@ -248,9 +249,11 @@ def _plot(path: Path, out: Mapping[str, Any]) -> None:
         for i, text in enumerate(("pydoc", "docstrings")):
             for run in runs:
                 curve = sorted((r["minutes"], r[f"ppl_{text}"]) for r in rows if r["method"].startswith(run))
-                if curve:
-                    ax.plot([c[0] for c in curve], [c[1] for c in curve], styles[run], color=f"C{i}",
-                            label=f"{run.removeprefix('icbs[alps, ').rstrip(']')}, {text}")
+                if curve:  # the first (shipped) recipe named and solid; the table's other recipes faint, unnamed
+                    shipped = run == runs[0]
+                    ax.plot([c[0] for c in curve], [c[1] for c in curve], styles[run] if shipped else "-", color=f"C{i}",
+                            alpha=1.0 if shipped else 0.2, linewidth=2 if shipped else 1,
+                            label=f"icbs[{run.removeprefix('icbs[alps, ')}, {text}" if shipped else None)
             for j, method in enumerate(("sparsegpt", "alps")):
                 base = [r for r in rows if r["method"] == method]
                 if base:
@@ -260,7 +263,7 @@ def _plot(path: Path, out: Mapping[str, Any]) -> None:
         ax.set_ylabel("held-out perplexity")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper right")
-    fig.suptitle("SmolLM2-135M: icbs against one-shot methods")
+    fig.suptitle("SmolLM2-135M: icbs against one-shot methods (faint: the table's other icbs recipes)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
