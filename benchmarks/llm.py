@@ -236,13 +236,12 @@ def _plot(path: Path, out: Mapping[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     sparsities = out["sparsities"]
-    # One style per icbs run across all panels (a merged table may hold several runs per sparsity).
+    # A merged table may hold several icbs runs per sparsity.
     runs = sorted({r["method"].split("]")[0] + "]" for r in out["rows"] if r["method"].startswith("icbs")},
                   key=lambda run: ("init on 96" not in run, "z 3" not in run, "patience 30" not in run, "12 windows a round" not in run, "a round" in run, "pass rule" in run, "z 1.645" not in run, "pool" not in run, "init on 224" in run, "targets" in run,
                                    "batch" in run, run))
     # the shipped recipe (the init on 96 windows, the check_z test at z = 3, patience 30, the Fisher on 12 windows a
-    # round, a large pool) first: solid circles
-    styles = {run: ("o-", "s--", "^-.", "D:", "v-", "P--", "X-.")[j % 7] for j, run in enumerate(runs)}
+    # round, a large pool) first: drawn solid and named, the others faint
     fig, axes = plt.subplots(1, len(sparsities), figsize=(4.6 * len(sparsities), 5.2), squeeze=False)
     for ax, sparsity in zip(axes[0], sparsities):
         rows = [r for r in out["rows"] if r["sparsity"] == sparsity]
@@ -251,7 +250,7 @@ def _plot(path: Path, out: Mapping[str, Any]) -> None:
                 curve = sorted((r["minutes"], r[f"ppl_{text}"]) for r in rows if r["method"].startswith(run))
                 if curve:  # the first (shipped) recipe named and solid; the table's other recipes faint, unnamed
                     shipped = run == runs[0]
-                    ax.plot([c[0] for c in curve], [c[1] for c in curve], styles[run] if shipped else "-", color=f"C{i}",
+                    ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-" if shipped else "-", color=f"C{i}",
                             alpha=1.0 if shipped else 0.2, linewidth=2 if shipped else 1,
                             label=f"icbs[{run.removeprefix('icbs[alps, ')}, {text}" if shipped else None)
             for j, method in enumerate(("sparsegpt", "alps")):
